@@ -1,0 +1,214 @@
+"""The HTTP API (quart-trio, served by hypercorn on the server's nursery).
+
+Owns: request parsing and the auth rules of each endpoint (SPEC section 2).
+Never touches: a room's state directly; it asks the room's actor through the supervisor.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import secrets
+import time
+import uuid
+from typing import TYPE_CHECKING, Any
+
+import trio
+from quart import request
+from quart_trio import QuartTrio
+
+from . import __version__
+from ._log import event
+from .auth import AuthError
+from .protocol import errors as E
+from .protocol.room import RoomState
+from .store import RoomRecord, StoreUnavailable, hash_token
+
+if TYPE_CHECKING:
+    from .server import SignalingServer
+
+MAX_TTL = 30 * 86400
+STORE_TIMEOUT = 5.0
+
+
+class HttpError(Exception):
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+def utc_timestamp() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None).isoformat() + "Z"
+
+
+def create_app(server: "SignalingServer") -> QuartTrio:
+    app = QuartTrio("signaling_trio")
+    app.config["MAX_CONTENT_LENGTH"] = 64 * 1024
+
+    @app.errorhandler(HttpError)
+    async def _http_error(exc: HttpError) -> Any:
+        event(logging.INFO, "http error", path=request.path, status=exc.status, code=exc.code)
+        return {"error": exc.code, "message": exc.message}, exc.status
+
+    @app.errorhandler(404)
+    async def _not_found(exc: Any) -> Any:
+        return {"error": "NOT_FOUND", "message": f"no such endpoint: {request.method} {request.path}"}, 404
+
+    @app.errorhandler(405)
+    async def _bad_method(exc: Any) -> Any:
+        return {"error": "METHOD_NOT_ALLOWED", "message": f"{request.method} is not allowed on {request.path}"}, 405
+
+    @app.errorhandler(413)
+    async def _too_large(exc: Any) -> Any:
+        return {"error": E.MESSAGE_TOO_LARGE, "message": "request body too large"}, 413
+
+    async def store_call(coro_fn: Any, *args: Any) -> Any:
+        try:
+            with trio.fail_after(STORE_TIMEOUT):
+                return await coro_fn(*args)
+        except (StoreUnavailable, trio.TooSlowError):
+            raise HttpError(503, E.STORE_UNAVAILABLE, "the room store cannot be reached") from None
+
+    def bearer(required: bool) -> dict[str, Any] | None:
+        header = request.headers.get("Authorization", "")
+        if not header:
+            if required:
+                raise HttpError(401, E.INVALID_ID_TOKEN, "Authorization: Bearer <id_token> required")
+            return None
+        # v1 servers stripped "Bearer " if present; a bare token was accepted too.
+        token = header[7:].strip() if header[:7].lower() == "bearer " else header.strip()
+        try:
+            return server.verifier.verify(token)
+        except AuthError as exc:
+            raise HttpError(401, E.INVALID_ID_TOKEN, str(exc)) from None
+
+    async def body() -> dict[str, Any]:
+        data = await request.get_json(force=True, silent=True)
+        if data is None:
+            raw = await request.get_data()
+            if not raw:
+                return {}
+            raise HttpError(400, E.INVALID_JSON, "the body must be a JSON object")
+        if not isinstance(data, dict):
+            raise HttpError(400, E.INVALID_MESSAGE, "the body must be a JSON object")
+        return data
+
+    def string_field(data: dict[str, Any], name: str, required: bool = True) -> str | None:
+        value = data.get(name)
+        if value is None:
+            if required:
+                raise HttpError(400, E.MISSING_FIELDS, f"Missing required fields: {name}")
+            return None
+        if not isinstance(value, str) or not value or len(value) > 256:
+            raise HttpError(400, E.INVALID_MESSAGE, f"field '{name}' must be a non-empty string")
+        return value
+
+    @app.get("/health")
+    async def health() -> Any:
+        checks: dict[str, Any] = {}
+        try:
+            with trio.fail_after(2):
+                await server.store.check()
+            checks["store"] = "ok"
+        except (StoreUnavailable, trio.TooSlowError) as exc:
+            checks["store"] = "unreachable" if isinstance(exc, trio.TooSlowError) else "error"
+        body_ = {"status": "healthy", "timestamp": utc_timestamp(), "version": __version__}
+        if checks["store"] != "ok":
+            body_["status"] = "unhealthy"
+            body_["checks"] = checks
+            return body_, 503
+        return body_
+
+    @app.get("/metrics")
+    async def metrics() -> Any:
+        return server.metrics_json()
+
+    @app.post("/anonymous-signin")
+    async def anonymous_signin() -> Any:
+        if server.local_authority is None:
+            raise HttpError(
+                404, "NOT_AVAILABLE",
+                "anonymous sign-in is only offered with --auth local; sign in with your identity provider",
+            )
+        username = str(uuid.uuid4())
+        token = server.local_authority.issue(username)
+        event(logging.INFO, "anonymous signin", sub=username)
+        return {"id_token": token, "username": username}
+
+    @app.get("/.well-known/jwks.json")
+    async def jwks() -> Any:
+        if server.local_authority is None:
+            raise HttpError(404, "NOT_AVAILABLE", "this server verifies an external issuer's tokens; it has no keys of its own")
+        return server.local_authority.jwks()
+
+    @app.post("/create-room")
+    async def create_room() -> Any:
+        claims = bearer(required=True)
+        assert claims is not None
+        now = time.time()
+        room_id = secrets.token_hex(6)
+        token = secrets.token_urlsafe(24)  # 192 bits
+        expires_at = int(now + server.settings.room_ttl)
+        await store_call(server.store.create_room, RoomRecord(room_id, hash_token(token), claims["sub"], now, expires_at))
+        server.metrics.rooms_created += 1
+        event(logging.INFO, "room created", room_id=room_id, creator=claims["sub"])
+        return {"room_id": room_id, "token": token, "expires_at": expires_at}
+
+    @app.post("/extend-room")
+    async def extend_room() -> Any:
+        claims = bearer(required=True)
+        assert claims is not None
+        data = await body()
+        room_id = string_field(data, "room_id")
+        assert room_id is not None
+        ttl = data.get("ttl_sec", server.settings.room_ttl)
+        if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not 1 <= ttl <= MAX_TTL:
+            raise HttpError(400, E.INVALID_MESSAGE, f"'ttl_sec' must be a number from 1 to {MAX_TTL}")
+        record = await store_call(server.store.get_room, room_id)
+        if record is None:
+            raise HttpError(404, E.ROOM_NOT_FOUND, f"Room {room_id} not found")
+        sub = claims["sub"]
+        if sub != record.creator:
+            subs = await server.supervisor.call(room_id, RoomState.subs)
+            if not subs or sub not in subs:
+                raise HttpError(403, "FORBIDDEN", "only the room's creator or a peer registered in it may extend it")
+        expires_at = int(time.time() + ttl)
+        await store_call(server.store.set_expiry, room_id, expires_at)
+        event(logging.INFO, "room extended", room_id=room_id, ttl=ttl)
+        return {"room_id": room_id, "expires_at": expires_at}
+
+    @app.post("/delete-peers-and-room")
+    async def delete_peers_and_room() -> Any:
+        data = await body()
+        peer_id = string_field(data, "peer_id")
+        assert peer_id is not None
+        claims = bearer(required=False)
+        room_id = string_field(data, "room_id", required=False) or server.supervisor.last_room.get(peer_id)
+        if room_id is None:
+            return {"status": "peer not found"}
+        record = await store_call(server.store.get_room, room_id)
+        sup = server.supervisor
+        peer_sub = await sup.call(room_id, lambda s: s.peer_sub(peer_id))
+        sub = claims["sub"] if claims else None
+
+        if record is not None and sub is not None and sub == record.creator:
+            await sup.call(room_id, lambda s: s.kick(None, E.CLOSE_NORMAL, "room deleted"))
+            await store_call(server.store.delete_room, room_id)
+            event(logging.INFO, "room deleted", room_id=room_id, by="creator")
+            return {"status": "room deleted; all peers disconnected"}
+
+        if peer_sub is not None:
+            if sub is None or sub != peer_sub:
+                raise HttpError(403, "FORBIDDEN", f"peer {peer_id} is still connected; only it or the room's creator may remove it")
+            await sup.call(room_id, lambda s: s.kick(peer_id, E.CLOSE_NORMAL, "peer deleted"))
+
+        remaining = await sup.call(room_id, lambda s: len(s.peers)) or 0
+        if record is None:
+            return {"status": "peer deleted. Room status: not found"}
+        if remaining == 0:
+            await store_call(server.store.delete_room, room_id)
+            event(logging.INFO, "room deleted", room_id=room_id, by="last peer")
+            return {"status": "peer deleted successfully. Room status: deleted"}
+        return {"status": f"peer deleted successfully. Room status: active ({remaining} peers connected)"}
+
+    return app

@@ -1,0 +1,21 @@
+"""Counters of one server instance. Incremented synchronously by the tasks that see the
+events (never across a checkpoint), read by /metrics."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.total_connections = 0
+        self.active_connections = 0
+        self.total_messages = 0  # messages routed peer to peer (v2 meaning)
+        self.rooms_created = 0
+        self.messages_by_type: Counter[str] = Counter()
+        self.errors_by_code: Counter[str] = Counter()
+        self.closes_by_code: Counter[int] = Counter()
+        self.dropped_signals = 0
+        self.outbox_overflows = 0
+        self.room_crashes = 0
+        self.rate_limited_drops = 0

@@ -1,0 +1,222 @@
+"""Room actors and their supervisor.
+
+Owns: which rooms are live, and for each one the task that holds its `RoomState`.
+A connection never touches a room's state; it sends a command into the room's bounded
+inbox. The room never waits on a connection: it hands frames to each peer's outbox with
+`deliver()` (non-blocking) and asks for closes with `request_close()` (non-blocking).
+
+Never touches: sockets, the store, HTTP.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol
+
+import trio
+
+from . import _log
+from ._log import event
+from ._metrics import Metrics
+from .config import Settings
+from .protocol import errors as E
+from .protocol.room import Effects, RoomState
+
+import logging
+
+
+class PeerConnection(Protocol):
+    """What a room may do to a connection: both calls return at once."""
+
+    id: int
+
+    def deliver(self, text: str) -> None: ...
+    def request_close(self, code: int, reason: str) -> None: ...
+
+
+@dataclass(slots=True)
+class Register:
+    conn: PeerConnection
+    peer_id: str
+    sub: str
+    role: str
+    metadata: dict[str, Any]
+    token: str
+    reply: trio.MemorySendChannel[str | None]
+
+
+@dataclass(slots=True)
+class Message:
+    conn: PeerConnection
+    msg: dict[str, Any]
+    raw: str
+
+
+@dataclass(slots=True)
+class Leave:
+    conn: PeerConnection
+
+
+@dataclass(slots=True)
+class Call:
+    """Run `fn(state)` inside the actor (HTTP's queries and kicks). If it returns Effects
+    they are applied; the result goes back on `reply`."""
+
+    fn: Callable[[RoomState], Any]
+    reply: trio.MemorySendChannel[Any]
+
+
+Command = Register | Message | Leave | Call
+
+
+class RoomActor:
+    def __init__(self, room_id: str, supervisor: "RoomSupervisor") -> None:
+        self.room_id = room_id
+        self.supervisor = supervisor
+        settings = supervisor.settings
+        self.state = RoomState(
+            room_id,
+            max_peers=settings.max_room_peers,
+            max_metadata_bytes=settings.max_metadata_bytes,
+            wall_offset=time.time() - trio.current_time(),
+        )
+        self.inbox, self._receive = trio.open_memory_channel[Command](settings.room_inbox_size)
+        self.metrics = supervisor.metrics
+        self.processed = 0
+
+    def queue_depth(self) -> int:
+        return self._receive.statistics().current_buffer_used
+
+    async def run(self) -> None:
+        try:
+            async with self._receive:
+                await self._loop()
+        except Exception:
+            # A bug in one room must not take the server down: log it, tell that room's
+            # peers with 1011, and let the supervisor forget the room.
+            self.metrics.room_crashes += 1
+            _log.logger.exception("room crashed", extra={"fields": {"room_id": self.room_id}})
+            for conn in list(self.state.by_conn):
+                conn.request_close(E.CLOSE_INTERNAL_ERROR, "internal error")  # type: ignore[attr-defined]
+        finally:
+            self.supervisor._forget(self)
+
+    async def _loop(self) -> None:
+        state = self.state
+        receive = self._receive
+        while True:
+            deadline = state.next_deadline()
+            cmd = None
+            with trio.move_on_at(deadline if deadline is not None else math.inf):
+                cmd = await receive.receive()
+            now = trio.current_time()
+            if cmd is not None:
+                self._dispatch(cmd, now)
+            if state.deadlines:
+                self._apply(state.expire(now))
+            if state.empty and receive.statistics().current_buffer_used == 0:
+                return  # retire: an empty room's live state is dropped
+
+    def _dispatch(self, cmd: Command, now: float) -> None:
+        self.processed += 1
+        state = self.state
+        if type(cmd) is Message:
+            self._apply(state.handle(cmd.conn, cmd.msg, cmd.raw, now))
+            self.metrics.messages_by_type[cmd.msg["type"]] += 1
+        elif type(cmd) is Leave:
+            self._apply(state.leave(cmd.conn))
+        elif type(cmd) is Register:
+            fx = state.register(
+                cmd.conn, peer_id=cmd.peer_id, sub=cmd.sub, role=cmd.role,
+                metadata=cmd.metadata, token=cmd.token, now=now,
+            )
+            self._apply(fx)
+            bound = state.by_conn.get(cmd.conn)
+            cmd.reply.send_nowait(bound.peer_id if bound is not None else None)
+            self.metrics.messages_by_type["register"] += 1
+        elif type(cmd) is Call:
+            result = cmd.fn(state)
+            if isinstance(result, Effects):
+                self._apply(result)
+            cmd.reply.send_nowait(result)
+
+    def _apply(self, fx: Effects) -> None:
+        for conn, text in fx.sends:
+            conn.deliver(text)  # type: ignore[attr-defined]
+        for conn, code, reason in fx.closes:
+            conn.request_close(code, reason)  # type: ignore[attr-defined]
+        if fx.routed:
+            self.metrics.total_messages += fx.routed
+        if fx.dropped:
+            self.metrics.dropped_signals += fx.dropped
+        for code in fx.errors:
+            self.metrics.errors_by_code[code] += 1
+
+
+class RoomSupervisor:
+    """Starts a room's actor on first use and forgets it when it retires.
+
+    `rooms` is only changed by `room()` and `_forget()`, both synchronous: no task can
+    observe it half-changed. `last_room` remembers where a peer id was last registered so
+    /delete-peers-and-room (v1 sends only a peer_id, after its socket is closed) can find
+    the room."""
+
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.rooms: dict[str, RoomActor] = {}
+        self.last_room: OrderedDict[str, str] = OrderedDict()
+        self._nursery: trio.Nursery | None = None
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            await trio.sleep_forever()
+
+    def room(self, room_id: str) -> RoomActor:
+        actor = self.rooms.get(room_id)
+        if actor is None:
+            assert self._nursery is not None, "supervisor not running"
+            actor = RoomActor(room_id, self)
+            self.rooms[room_id] = actor
+            self._nursery.start_soon(actor.run, name=f"room {room_id}")
+            event(logging.DEBUG, "room live", room_id=room_id)
+        return actor
+
+    def _forget(self, actor: RoomActor) -> None:
+        if self.rooms.get(actor.room_id) is actor:
+            del self.rooms[actor.room_id]
+            event(logging.DEBUG, "room idle", room_id=actor.room_id)
+
+    def note_peer(self, peer_id: str, room_id: str) -> None:
+        self.last_room[peer_id] = room_id
+        self.last_room.move_to_end(peer_id)
+        while len(self.last_room) > 100_000:
+            self.last_room.popitem(last=False)
+
+    async def call(self, room_id: str, fn: Callable[[RoomState], Any], *, timeout: float = 5.0) -> Any:
+        """Run fn in the live room's actor; None when the room has no live state."""
+        actor = self.rooms.get(room_id)
+        if actor is None:
+            return None
+        send, receive = trio.open_memory_channel[Any](1)
+        with trio.fail_after(timeout):
+            try:
+                await actor.inbox.send(Call(fn, send))
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return None
+            return await receive.receive()
+
+    def peers_by_role(self) -> dict[str, int]:
+        total: dict[str, int] = {}
+        for actor in self.rooms.values():
+            for role, n in actor.state.role_counts.items():
+                total[role] = total.get(role, 0) + n
+        return total
+
+    def peer_count(self) -> int:
+        return sum(len(a.state.peers) for a in self.rooms.values())

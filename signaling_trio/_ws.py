@@ -1,0 +1,317 @@
+"""The WebSocket side: one task tree per connection.
+
+Owns: reading frames (size, rate, UTF-8, JSON shape), registration (id_token and room
+checks against auth and the store), the connection's bounded outbox and its writer,
+the register deadline and the idle heartbeat.
+Never touches: a room's state (it sends commands to the room's actor).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import time
+from typing import TYPE_CHECKING, Any
+
+import trio
+from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest
+
+from ._log import event
+from ._rooms import Leave, Message, Register, RoomActor
+from .auth import AuthError
+from .protocol import errors as E
+from .protocol import metadata as md
+from .protocol.messages import ROOM_TYPES, decode, dumps
+from .store import StoreUnavailable
+
+if TYPE_CHECKING:
+    from .server import SignalingServer
+
+_ids = itertools.count(1)
+
+PONG = '{"type":"pong"}'
+MAX_ID_LEN = 256
+MAX_TOKEN_LEN = 16384
+
+
+class Connection:
+    def __init__(self, server: "SignalingServer", ws: WebSocketConnection) -> None:
+        self.id = next(_ids)
+        self.server = server
+        self.settings = server.settings
+        self.metrics = server.metrics
+        self.ws = ws
+        self._outbox, self._outbox_recv = trio.open_memory_channel[str](self.settings.outbox_size)
+        self._scope = trio.CancelScope()
+        self.close_code: int | None = None
+        self.close_reason = ""
+        # registration, owned by this connection's task
+        self.peer_id: str | None = None
+        self.room_id: str | None = None
+        self.actor: RoomActor | None = None
+        self.sub: str | None = None
+        self.id_token: str | None = None
+        # rate limit: a token bucket on trio's clock
+        self._tokens = float(self.settings.rate_burst)
+        self._refilled = trio.current_time()
+        self._rate_error_at = -math.inf
+        self._last_rx = trio.current_time()
+        self._overflowing = False
+
+    def __repr__(self) -> str:
+        return f"<Connection {self.id} peer={self.peer_id}>"
+
+    # ------------------------------------------------ called by rooms (no awaits)
+    def deliver(self, text: str) -> None:
+        try:
+            self._outbox.send_nowait(text)
+            self._overflowing = False
+        except trio.WouldBlock:
+            # Never wait on a slow reader: drop for it alone; the writer's stall timer
+            # disconnects it if it stays stuck.
+            self.metrics.outbox_overflows += 1
+            if not self._overflowing:
+                self._overflowing = True
+                event(logging.WARNING, "outbox full", conn=self.id, peer_id=self.peer_id)
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            pass
+
+    def request_close(self, code: int, reason: str) -> None:
+        if self.close_code is None:
+            self.close_code = code
+            self.close_reason = reason
+        self._scope.cancel()
+
+    # ------------------------------------------------------------- the task
+    async def run(self) -> None:
+        event(logging.INFO, "connect", conn=self.id, remote=str(self.ws.remote))
+        try:
+            with self._scope:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._writer)
+                    nursery.start_soon(self._register_deadline)
+                    nursery.start_soon(self._heartbeat)
+                    await self._reader()
+                    nursery.cancel_scope.cancel()
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._leave_room()
+                code = self.close_code or E.CLOSE_NORMAL
+                self.metrics.closes_by_code[code] += 1
+                with trio.move_on_after(2):
+                    await self.ws.aclose(code, self.close_reason or None)
+            event(
+                logging.INFO, "disconnect", conn=self.id, peer_id=self.peer_id,
+                room_id=self.room_id, code=self.ws.closed.code if self.ws.closed else code,
+            )
+
+    async def _reader(self) -> None:
+        settings = self.settings
+        max_frame = settings.max_frame_bytes
+        while True:
+            try:
+                data = await self.ws.get_message()
+            except ConnectionClosed:
+                return
+            now = trio.current_time()
+            self._last_rx = now
+            if not self._take_token(now):
+                continue
+            if not isinstance(data, str):
+                self._error(E.ProtocolError(E.INVALID_MESSAGE, "binary frames are not accepted; send JSON text"))
+                continue
+            if len(data) * 4 > max_frame and len(data.encode()) > max_frame:
+                self._error(E.ProtocolError(
+                    E.MESSAGE_TOO_LARGE, f"frame is larger than {max_frame} bytes"
+                ))
+                continue
+            try:
+                msg = decode(data)
+            except E.ProtocolError as exc:
+                self._error(exc)
+                continue
+            await self._dispatch(msg, data)
+
+    async def _dispatch(self, msg: dict[str, Any], raw: str) -> None:
+        mtype = msg["type"]
+        if mtype == "ping":
+            self.metrics.messages_by_type["ping"] += 1
+            self.deliver(PONG)
+        elif mtype == "register":
+            try:
+                await self._register(msg)
+            except E.ProtocolError as exc:
+                exc.extra.setdefault("reason", exc.message)  # v1 clients read "reason"
+                self._error(exc)
+        elif self.actor is None:
+            self._error(E.ProtocolError(E.NOT_IN_ROOM, "Peer not registered in any room"))
+        elif mtype in ROOM_TYPES:
+            try:
+                await self.actor.inbox.send(Message(self, msg, raw))
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self._lost_room()
+                self._error(E.ProtocolError(E.NOT_IN_ROOM, "Peer not registered in any room"))
+        else:
+            self._error(E.ProtocolError(E.UNKNOWN_MESSAGE_TYPE, f"Unknown message type: {mtype}"))
+
+    def _error(self, exc: E.ProtocolError) -> None:
+        self.metrics.errors_by_code[exc.code] += 1
+        event(logging.INFO, "error", conn=self.id, peer_id=self.peer_id, code=exc.code)
+        self.deliver(dumps(exc.to_message()))
+
+    def _take_token(self, now: float) -> bool:
+        rate = self.settings.rate_limit
+        if rate <= 0:
+            return True
+        burst = self.settings.rate_burst
+        self._tokens = min(burst, self._tokens + (now - self._refilled) * rate)
+        self._refilled = now
+        if self._tokens >= 1:
+            self._tokens -= 1
+            return True
+        self.metrics.rate_limited_drops += 1
+        if now - self._rate_error_at >= 1.0:
+            self._rate_error_at = now
+            self._error(E.ProtocolError(
+                E.RATE_LIMITED, f"more than {rate:g} messages/s; messages are being dropped"
+            ))
+        return False
+
+    # -------------------------------------------------------------- register
+    async def _register(self, msg: dict[str, Any]) -> None:
+        missing = [f for f in ("peer_id", "room_id", "token", "id_token") if msg.get(f) in (None, "")]
+        if missing:
+            raise E.ProtocolError(E.MISSING_FIELDS, "Missing required fields during registration: " + ", ".join(missing))
+        for name, limit in (("peer_id", MAX_ID_LEN), ("room_id", MAX_ID_LEN), ("token", MAX_ID_LEN), ("id_token", MAX_TOKEN_LEN)):
+            value = msg[name]
+            if not isinstance(value, str) or len(value) > limit:
+                raise E.ProtocolError(E.INVALID_MESSAGE, f"field '{name}' must be a string of at most {limit} characters")
+        peer_id, room_id, token, id_token = msg["peer_id"], msg["room_id"], msg["token"], msg["id_token"]
+        role = msg.get("role")
+        if role is None:
+            role = "peer"
+        elif not isinstance(role, str) or not role or len(role) > MAX_ID_LEN:
+            raise E.ProtocolError(E.INVALID_MESSAGE, "field 'role' must be a non-empty string")
+        metadata = md.validate(msg.get("metadata"))
+
+        # Identity. A token this connection already presented was verified then; a
+        # long-running worker re-registering with it after it expired keeps working.
+        if self.id_token is not None and id_token == self.id_token and self.sub is not None:
+            sub = self.sub
+        else:
+            try:
+                claims = self.server.verifier.verify(id_token)
+            except AuthError as exc:
+                raise E.ProtocolError(E.INVALID_ID_TOKEN, str(exc)) from None
+            sub = claims["sub"]
+
+        already_here = self.actor is not None and self.room_id == room_id
+        try:
+            with trio.fail_after(5):
+                record = await self.server.store.get_room(room_id)
+        except (StoreUnavailable, trio.TooSlowError):
+            raise E.ProtocolError(E.STORE_UNAVAILABLE, "the room store cannot be reached; try again") from None
+        if record is None:
+            raise E.ProtocolError(E.ROOM_NOT_FOUND, f"Room {room_id} not found")
+        if not record.token_matches(token):
+            raise E.ProtocolError(E.INVALID_ROOM_TOKEN, "Invalid room token")
+        if record.expires_at <= time.time() and not already_here:
+            raise E.ProtocolError(E.ROOM_EXPIRED, f"Room {room_id} expired")
+
+        if self.actor is not None and self.room_id != room_id:
+            await self._leave_room()
+
+        reply_send, reply_recv = trio.open_memory_channel[str | None](1)
+        cmd = Register(self, peer_id, sub, role, metadata, token, reply_send)
+        for _attempt in range(3):
+            actor = self.server.supervisor.room(room_id)
+            try:
+                await actor.inbox.send(cmd)
+                break
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                continue  # the room retired between lookup and send; a new one starts
+        else:
+            raise E.ProtocolError(E.STORE_UNAVAILABLE, "room unavailable; try again")
+        bound = await reply_recv.receive()
+        if bound is None:
+            if self.room_id == room_id:
+                self._lost_room()
+            return  # the room told the peer why
+        self.peer_id, self.room_id, self.actor = bound, room_id, actor
+        self.sub, self.id_token = sub, id_token
+        self.server.supervisor.note_peer(bound, room_id)
+        event(logging.INFO, "register", conn=self.id, peer_id=bound, room_id=room_id, role=role)
+
+    def _lost_room(self) -> None:
+        self.actor = None
+        self.room_id = None
+        self.peer_id = None
+
+    async def _leave_room(self) -> None:
+        actor = self.actor
+        if actor is None:
+            return
+        self._lost_room()
+        try:
+            with trio.move_on_after(2):
+                await actor.inbox.send(Leave(self))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+    # ---------------------------------------------------------- side tasks
+    async def _writer(self) -> None:
+        timeout = self.settings.stalled_reader_timeout
+        async with self._outbox_recv:
+            async for text in self._outbox_recv:
+                try:
+                    with trio.move_on_after(timeout) as cs:
+                        await self.ws.send_message(text)
+                except ConnectionClosed:
+                    return
+                if cs.cancelled_caught:
+                    event(logging.WARNING, "stalled reader", conn=self.id, peer_id=self.peer_id)
+                    self.request_close(E.CLOSE_POLICY, "stalled reader")
+                    return
+
+    async def _register_deadline(self) -> None:
+        await trio.sleep(self.settings.register_timeout)
+        if self.peer_id is None and self.id_token is None:
+            event(logging.INFO, "register timeout", conn=self.id)
+            self.request_close(E.CLOSE_POLICY, "register timeout")
+
+    async def _heartbeat(self) -> None:
+        interval = self.settings.idle_ping_interval
+        while True:
+            await trio.sleep(max(0.0, self._last_rx + interval - trio.current_time()))
+            if trio.current_time() - self._last_rx < interval:
+                continue
+            try:
+                with trio.fail_after(self.settings.idle_ping_timeout):
+                    await self.ws.ping()
+            except trio.TooSlowError:
+                event(logging.INFO, "ping timeout", conn=self.id, peer_id=self.peer_id)
+                self.request_close(E.CLOSE_POLICY, "ping timeout")
+                return
+            except ConnectionClosed:
+                return
+            self._last_rx = trio.current_time()
+
+
+async def handle_request(server: "SignalingServer", request: WebSocketRequest) -> None:
+    try:
+        with trio.fail_after(10):
+            ws = await request.accept()
+    except (ConnectionClosed, trio.TooSlowError, OSError):
+        return
+    conn = Connection(server, ws)
+    server.metrics.total_connections += 1
+    server.metrics.active_connections += 1
+    server.connections.add(conn)
+    try:
+        await conn.run()
+    finally:
+        server.connections.discard(conn)
+        server.metrics.active_connections -= 1
+        if not server.connections:
+            server.connections_drained.set()

@@ -1,0 +1,160 @@
+"""Identity: issuing and verifying id_tokens.
+
+Owns: the local RS256 signing key (created on first start, kept in the data dir with mode
+0600), the JWT checks (signature, exp, iss, aud), and a verified-token cache.
+Never touches: rooms, sockets; never logs a token.
+
+JOSE is done with joserfc, the JOSE implementation Authlib itself now delegates to
+(`authlib.jose` is deprecated in its favour).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Protocol
+
+from joserfc import jwt
+from joserfc.errors import JoseError
+from joserfc.jwk import KeySet, RSAKey
+
+from .config import ConfigError
+
+LOCAL_ISSUER = "signaling-trio"
+LOCAL_AUDIENCE = "signaling-trio"
+KEY_FILE = "signing-key.pem"
+ALLOWED_ALGORITHMS = ["RS256"]
+LEEWAY = 30  # seconds of clock skew tolerated on exp/nbf/iat
+
+
+class AuthError(Exception):
+    """An id_token that is missing, malformed, badly signed, expired or for someone else."""
+
+
+class Verifier(Protocol):
+    def verify(self, token: str) -> dict[str, Any]: ...
+
+
+class TokenCache:
+    """Verified tokens -> claims, until each token's own expiry. Verifying RS256 costs far
+    more than a dict lookup, and workers present the same token on every re-register."""
+
+    def __init__(self, max_size: int = 50_000) -> None:
+        self.max_size = max_size
+        self._claims: dict[str, dict[str, Any]] = {}
+
+    def get(self, token: str, now: float) -> dict[str, Any] | None:
+        claims = self._claims.get(token)
+        if claims is None:
+            return None
+        if claims["exp"] + LEEWAY < now:
+            del self._claims[token]
+            return None
+        return claims
+
+    def put(self, token: str, claims: dict[str, Any], now: float) -> None:
+        if len(self._claims) >= self.max_size:
+            for t in [t for t, c in self._claims.items() if c["exp"] + LEEWAY < now]:
+                del self._claims[t]
+            if len(self._claims) >= self.max_size:
+                self._claims.clear()
+        self._claims[token] = claims
+
+
+def check_claims(claims: dict[str, Any], *, issuer: str, audience: str | None, now: float) -> None:
+    reg_opts: dict[str, Any] = {
+        "iss": {"essential": True, "value": issuer},
+        "exp": {"essential": True},
+        "sub": {"essential": True},
+    }
+    if audience is not None:
+        reg_opts["aud"] = {"essential": True, "value": audience}
+    registry = jwt.JWTClaimsRegistry(now=int(now), leeway=LEEWAY, **reg_opts)
+    try:
+        registry.validate(claims)
+    except JoseError as exc:
+        raise AuthError(f"id_token rejected: {exc.description or exc.error}") from None
+    if not isinstance(claims.get("sub"), str) or not isinstance(claims.get("exp"), (int, float)):
+        raise AuthError("id_token rejected: sub and exp must be a string and a number")
+
+
+class LocalAuthority:
+    """auth=local: the server signs anonymous identities and verifies its own tokens."""
+
+    def __init__(self, key: RSAKey, *, lifetime: int = 86400) -> None:
+        self.key = key
+        self.keyset = KeySet([key])
+        self.lifetime = lifetime
+        self.issuer = LOCAL_ISSUER
+        self.audience = LOCAL_AUDIENCE
+        self.cache = TokenCache()
+
+    @classmethod
+    def ephemeral(cls, *, lifetime: int = 86400) -> "LocalAuthority":
+        return cls(_new_key(), lifetime=lifetime)
+
+    @classmethod
+    def load_or_create(cls, data_dir: str, *, lifetime: int = 86400) -> "LocalAuthority":
+        path = os.path.join(data_dir, KEY_FILE)
+        try:
+            os.makedirs(data_dir, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"cannot create data dir {data_dir}: {exc.strerror}") from None
+        if os.path.exists(path):
+            try:
+                with open(path, "rb") as f:
+                    pem = f.read()
+            except OSError as exc:
+                raise ConfigError(f"cannot read signing key {path}: {exc.strerror}") from None
+            try:
+                key = RSAKey.import_key(pem, parameters={"use": "sig", "alg": "RS256"})
+            except Exception:  # joserfc raises several types for a bad PEM
+                raise ConfigError(f"signing key {path} is not an RSA private key in PEM") from None
+            if not key.is_private:
+                raise ConfigError(f"signing key {path} holds no private key")
+            key = RSAKey.import_key(pem, parameters={"use": "sig", "alg": "RS256", "kid": key.thumbprint()})
+            return cls(key, lifetime=lifetime)
+        key = _new_key()
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(key.as_pem(private=True))
+        except OSError as exc:
+            raise ConfigError(f"cannot write signing key {path}: {exc.strerror}") from None
+        return cls(key, lifetime=lifetime)
+
+    def issue(self, sub: str, *, now: float | None = None, lifetime: int | None = None) -> str:
+        now = time.time() if now is None else now
+        claims = {
+            "iss": self.issuer,
+            "aud": self.audience,
+            "sub": sub,
+            "iat": int(now),
+            "exp": int(now) + (self.lifetime if lifetime is None else lifetime),
+            "token_use": "id",
+        }
+        return jwt.encode({"alg": "RS256", "kid": self.key.kid}, claims, self.key)
+
+    def jwks(self) -> dict[str, Any]:
+        return self.keyset.as_dict(private=False)
+
+    def verify(self, token: str, *, now: float | None = None) -> dict[str, Any]:
+        now = time.time() if now is None else now
+        cached = self.cache.get(token, now)
+        if cached is not None:
+            return cached
+        if not isinstance(token, str) or not token:
+            raise AuthError("id_token missing")
+        try:
+            decoded = jwt.decode(token, self.keyset, algorithms=ALLOWED_ALGORITHMS)
+        except (JoseError, ValueError) as exc:
+            raise AuthError(f"id_token rejected: {type(exc).__name__}") from None
+        claims = decoded.claims
+        check_claims(claims, issuer=self.issuer, audience=self.audience, now=now)
+        self.cache.put(token, claims, now)
+        return claims
+
+
+def _new_key() -> RSAKey:
+    key = RSAKey.generate_key(2048, parameters={"use": "sig", "alg": "RS256"})
+    return RSAKey.import_key(key.as_pem(private=True), parameters={"use": "sig", "alg": "RS256", "kid": key.thumbprint()})

@@ -1,0 +1,162 @@
+"""Settings: every option from flags and environment, validated once, frozen.
+
+Owns: option names, defaults, precedence (flag > SIGNALING_* env > v1 COGNITO_* > default).
+Never touches: sockets, files (besides reading os.environ), the running server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+
+class ConfigError(Exception):
+    """Bad configuration: the CLI prints the message as one line and exits 2."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    host: str = "0.0.0.0"
+    ws_port: int = 8080
+    http_port: int = 8001
+    data_dir: str = "./signaling-data"
+    store: str = "sqlite"
+    room_ttl: int = 7200
+    auth: str = "local"
+    oidc_issuer: str | None = None
+    oidc_jwks_url: str | None = None
+    oidc_audience: str | None = None
+    log_level: str = "info"
+    log_format: str = "text"
+    token_lifetime: int = 86400
+    max_frame_bytes: int = 65536
+    max_metadata_bytes: int = 16384
+    max_room_peers: int = 1000
+    rate_limit: float = 100.0
+    rate_burst: int = 200
+    register_timeout: float = 30.0
+    stalled_reader_timeout: float = 10.0
+    idle_ping_interval: float = 30.0
+    idle_ping_timeout: float = 20.0
+    outbox_size: int = 256
+    room_inbox_size: int = 256
+    shutdown_timeout: float = 4.0
+
+    def with_changes(self, **changes: Any) -> "Settings":
+        return validate(dataclasses.replace(self, **changes))
+
+    @property
+    def store_kind(self) -> str:
+        return self.store.split(":", 1)[0] if not self.store.startswith("redis://") else "redis"
+
+
+# name, type, help
+_OPTIONS: list[tuple[str, type, str]] = [
+    ("host", str, "bind address of both listeners"),
+    ("ws_port", int, "WebSocket port (any path is accepted)"),
+    ("http_port", int, "HTTP API port"),
+    ("data_dir", str, "where the embedded store and the local signing key live"),
+    ("store", str, "memory, sqlite[:PATH] or redis://HOST:PORT/DB"),
+    ("room_ttl", int, "seconds a created room lives"),
+    ("auth", str, "local (own tokens) or oidc (an external issuer's)"),
+    ("oidc_issuer", str, "issuer URL (auth=oidc)"),
+    ("oidc_jwks_url", str, "JWKS URL (default <issuer>/.well-known/jwks.json)"),
+    ("oidc_audience", str, "required aud claim (Cognito: the app client id)"),
+    ("log_level", str, "debug, info, warning, error"),
+    ("log_format", str, "text or json"),
+    ("token_lifetime", int, "seconds an id_token from /anonymous-signin is valid"),
+    ("max_frame_bytes", int, "largest accepted text frame"),
+    ("max_metadata_bytes", int, "largest peer metadata, after merge"),
+    ("max_room_peers", int, "peers per room"),
+    ("rate_limit", float, "messages/s per connection sustained (0 turns it off)"),
+    ("rate_burst", int, "burst size of the per-connection token bucket"),
+    ("register_timeout", float, "seconds a connection may stay unregistered"),
+    ("stalled_reader_timeout", float, "seconds a peer's outbox may stay full"),
+    ("idle_ping_interval", float, "seconds of silence before the server pings a connection"),
+    ("idle_ping_timeout", float, "seconds to wait for the pong before closing"),
+]
+
+_DEFAULTS = Settings()
+
+
+def env_name(name: str) -> str:
+    return "SIGNALING_" + name.upper()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="signaling-trio",
+        description="WebRTC signaling server for SLEAP-RTC (v1/v2 compatible).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the server (WebSocket + HTTP) in one process")
+    for name, _type, help_ in _OPTIONS:
+        default = getattr(_DEFAULTS, name)
+        serve.add_argument(
+            "--" + name.replace("_", "-"),
+            dest=name,
+            default=None,
+            help=f"{help_} (env {env_name(name)}; default {default})",
+        )
+    return parser
+
+
+def _convert(name: str, typ: type, raw: str, source: str) -> Any:
+    try:
+        return typ(raw)
+    except ValueError:
+        raise ConfigError(f"{source}: {raw!r} is not a valid {typ.__name__}") from None
+
+
+def from_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    env = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for name, typ, _ in _OPTIONS:
+        flag = getattr(ns, name)
+        if flag is not None:
+            values[name] = _convert(name, typ, flag, "--" + name.replace("_", "-"))
+        elif env.get(env_name(name)):
+            values[name] = _convert(name, typ, env[env_name(name)], env_name(name))
+    # The v1 deployment's variables select OIDC against Cognito.
+    region, pool, client = (env.get(k) for k in ("COGNITO_REGION", "COGNITO_USER_POOL_ID", "COGNITO_APP_CLIENT_ID"))
+    if "auth" not in values and region and pool and client:
+        values["auth"] = "oidc"
+        values.setdefault("oidc_issuer", f"https://cognito-idp.{region}.amazonaws.com/{pool}")
+        values.setdefault("oidc_audience", client)
+    return validate(Settings(**values))
+
+
+def validate(s: Settings) -> Settings:
+    for port_name in ("ws_port", "http_port"):
+        port = getattr(s, port_name)
+        if not 0 <= port <= 65535:
+            raise ConfigError(f"--{port_name.replace('_', '-')} {port} is not a port number")
+    if not (s.store in ("memory", "sqlite") or s.store.startswith("sqlite:") or s.store.startswith("redis://")):
+        raise ConfigError(
+            f"--store {s.store!r}: unknown store scheme (use memory, sqlite[:PATH] or redis://HOST:PORT/DB)"
+        )
+    if s.auth not in ("local", "oidc"):
+        raise ConfigError(f"--auth {s.auth!r}: use local or oidc")
+    if s.auth == "oidc" and not s.oidc_issuer:
+        raise ConfigError("--auth oidc needs --oidc-issuer (or SIGNALING_OIDC_ISSUER)")
+    if s.log_format not in ("text", "json"):
+        raise ConfigError(f"--log-format {s.log_format!r}: use text or json")
+    if s.log_level.lower() not in ("debug", "info", "warning", "error", "critical"):
+        raise ConfigError(f"--log-level {s.log_level!r}: use debug, info, warning or error")
+    positive = ("room_ttl", "token_lifetime", "max_frame_bytes", "max_metadata_bytes", "max_room_peers",
+                "rate_burst", "register_timeout", "stalled_reader_timeout", "idle_ping_interval",
+                "idle_ping_timeout")
+    for name in positive:
+        if getattr(s, name) <= 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be positive")
+    if s.rate_limit < 0:
+        raise ConfigError("--rate-limit must be 0 (off) or positive")
+    return s
+
+
+__all__ = ["ConfigError", "Settings", "build_parser", "env_name", "from_args", "validate"]

@@ -1,0 +1,67 @@
+"""Decoding and encoding frames, and the shape checks shared by every handler.
+
+Owns: JSON codec choice, the set of message types, field validation helpers.
+Never touches: rooms, sockets, trio.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from . import errors as E
+
+V2_TYPES = frozenset(
+    {"register", "discover_peers", "update_metadata", "peer_message", "offer", "answer", "candidate"}
+)
+BEYOND_V2_TYPES = frozenset({"subscribe", "unsubscribe", "reserve_peer", "release_peer", "ping"})
+KNOWN_TYPES = V2_TYPES | BEYOND_V2_TYPES
+SIGNAL_TYPES = frozenset({"offer", "answer", "candidate"})
+ROOM_TYPES = KNOWN_TYPES - {"register", "ping"}
+
+
+def dumps(obj: Any) -> str:
+    return orjson.dumps(obj).decode()
+
+
+def decode(text: str) -> dict[str, Any]:
+    """One text frame -> a message dict with a string `type`, or ProtocolError."""
+    try:
+        msg = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        raise E.ProtocolError(E.INVALID_JSON, "Invalid JSON format") from None
+    if not isinstance(msg, dict):
+        raise E.ProtocolError(E.INVALID_MESSAGE, "a message must be a JSON object")
+    mtype = msg.get("type")
+    if not isinstance(mtype, str):
+        raise E.ProtocolError(E.INVALID_MESSAGE, "a message needs a string field 'type'")
+    return msg
+
+
+def require(msg: dict[str, Any], *names: str) -> None:
+    missing = [n for n in names if msg.get(n) is None]
+    if missing:
+        raise E.ProtocolError(
+            E.MISSING_FIELDS, f"Missing required fields: {', '.join(missing)}"
+        )
+
+
+def string_field(msg: dict[str, Any], name: str, *, max_len: int = 256) -> str:
+    value = msg.get(name)
+    if not isinstance(value, str) or not value:
+        raise E.ProtocolError(E.INVALID_MESSAGE, f"field '{name}' must be a non-empty string")
+    if len(value) > max_len:
+        raise E.ProtocolError(E.INVALID_MESSAGE, f"field '{name}' is longer than {max_len}")
+    return value
+
+
+def optional_string(msg: dict[str, Any], name: str, default: str | None = None) -> str | None:
+    value = msg.get(name)
+    if value is None:
+        return default
+    return string_field(msg, name)
+
+
+def encoded_size(obj: Any) -> int:
+    return len(orjson.dumps(obj))

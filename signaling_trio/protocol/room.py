@@ -1,0 +1,462 @@
+"""What a message does to a room: the whole room protocol as a pure state machine.
+
+Owns: the peers of one room, their metadata, subscriptions and reservations, and the
+rule for every message type once a connection is in the room.
+Never touches: sockets, trio, the store, the clock (time comes in as `now`, trio's
+monotonic clock; `wall_offset` turns it into Unix seconds for the wire).
+
+Every entry point returns `Effects`: frames to send to connections and connections to
+close. Connections are opaque hashable keys; the actor in `signaling_trio._rooms` maps
+them to real outboxes. Nothing here awaits, so a membership change is never interrupted.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any, Hashable
+
+from . import errors as E
+from . import metadata as md
+from .filters import Filter
+from .messages import dumps
+
+Conn = Hashable
+
+
+class Peer:
+    __slots__ = (
+        "peer_id", "conn", "sub", "role", "metadata", "tags", "properties",
+        "connected_at", "reserved_by", "reserved_until", "reserve_deadline",
+        "holding", "subscription", "sub_matches", "_public_json",
+    )
+
+    def __init__(self, peer_id: str, conn: Conn, sub: str, connected_at: float) -> None:
+        self.peer_id = peer_id
+        self.conn = conn
+        self.sub = sub
+        self.role = "peer"
+        self.metadata: dict[str, Any] = {}
+        self.tags: frozenset[Any] = frozenset()
+        self.properties: dict[str, Any] = {}
+        self.connected_at = connected_at
+        self.reserved_by: str | None = None
+        self.reserved_until: float | None = None
+        self.reserve_deadline: float | None = None
+        self.holding: set[str] = set()
+        self.subscription: Filter | None = None
+        self.sub_matches: set[str] = set()
+        self._public_json: str | None = None
+
+    def set_profile(self, role: str, metadata: dict[str, Any]) -> None:
+        self.role = role
+        self.metadata = metadata
+        tags = metadata.get("tags")
+        self.tags = frozenset(tags) if isinstance(tags, list) else frozenset()
+        props = metadata.get("properties")
+        self.properties = props if isinstance(props, dict) else {}
+        self._public_json = None
+
+    def public(self) -> dict[str, Any]:
+        view: dict[str, Any] = {
+            "peer_id": self.peer_id,
+            "role": self.role,
+            "metadata": self.metadata,
+            "connected_at": self.connected_at,
+        }
+        if self.reserved_by is not None:
+            view["reserved_by"] = self.reserved_by
+            view["reserved_until"] = self.reserved_until
+        return view
+
+    @property
+    def public_json(self) -> str:
+        # Kept ready-made: discovery in a big room joins these strings, it does not
+        # re-encode every peer on every request.
+        if self._public_json is None:
+            self._public_json = dumps(self.public())
+        return self._public_json
+
+    def touch(self) -> None:
+        self._public_json = None
+
+
+class Effects:
+    __slots__ = ("sends", "closes", "routed", "dropped", "errors")
+
+    def __init__(self) -> None:
+        self.sends: list[tuple[Conn, str]] = []
+        self.closes: list[tuple[Conn, int, str]] = []
+        self.routed = 0
+        self.dropped = 0
+        self.errors: list[str] = []
+
+    def send(self, conn: Conn, msg: dict[str, Any] | str) -> None:
+        self.sends.append((conn, msg if isinstance(msg, str) else dumps(msg)))
+
+    def error(self, conn: Conn, exc: E.ProtocolError) -> None:
+        self.errors.append(exc.code)
+        self.send(conn, exc.to_message())
+
+
+def _event(kind: str, peer: Peer) -> str:
+    return '{"type":"%s","peer":%s}' % (kind, peer.public_json)
+
+
+def _peer_list(type_: str, head: dict[str, Any], peers: list[Peer]) -> str:
+    # {"type":..., <head fields>, "peers":[...], "count":N} built from ready-made parts
+    parts = dumps({"type": type_, **head})[:-1]
+    body = ",".join(p.public_json for p in peers)
+    return f'{parts},"peers":[{body}],"count":{len(peers)}}}'
+
+
+MIN_RESERVATION = 1
+MAX_RESERVATION = 3600
+
+
+class RoomState:
+    """One room's peers. Not thread-safe, not task-safe: exactly one actor owns it."""
+
+    def __init__(
+        self,
+        room_id: str,
+        *,
+        max_peers: int = 1000,
+        max_metadata_bytes: int = 16384,
+        wall_offset: float = 0.0,
+    ) -> None:
+        self.room_id = room_id
+        self.max_peers = max_peers
+        self.max_metadata_bytes = max_metadata_bytes
+        self.wall_offset = wall_offset
+        self.peers: dict[str, Peer] = {}
+        self.by_conn: dict[Conn, Peer] = {}
+        self.subscribers: dict[str, Peer] = {}
+        self.deadlines: dict[str, float] = {}  # reserved target -> trio deadline
+        self.role_counts: Counter[str] = Counter()
+
+    # ---------------------------------------------------------------- queries
+    @property
+    def empty(self) -> bool:
+        return not self.peers
+
+    def next_deadline(self) -> float | None:
+        return min(self.deadlines.values()) if self.deadlines else None
+
+    def peer_sub(self, peer_id: str) -> str | None:
+        peer = self.peers.get(peer_id)
+        return peer.sub if peer else None
+
+    def subs(self) -> set[str]:
+        return {p.sub for p in self.peers.values()}
+
+    # ---------------------------------------------------------------- register
+    def register(
+        self,
+        conn: Conn,
+        *,
+        peer_id: str,
+        sub: str,
+        role: str,
+        metadata: dict[str, Any],
+        token: str,
+        now: float,
+    ) -> Effects:
+        """A connection whose id_token and room token the caller has already checked."""
+        fx = Effects()
+        try:
+            md.check_size(metadata, self.max_metadata_bytes)
+            current = self.by_conn.get(conn)
+            holder = self.peers.get(peer_id)
+            if holder is not None and holder.conn is not conn and holder.sub != sub:
+                raise E.ProtocolError(
+                    E.PEER_ID_TAKEN, f"peer_id {peer_id!r} is already in use in this room"
+                )
+            frees = (current is not None and current.peer_id != peer_id) or holder is not None
+            if len(self.peers) - (1 if frees else 0) >= self.max_peers:
+                raise E.ProtocolError(
+                    E.ROOM_FULL, f"room is full ({self.max_peers} peers)"
+                )
+        except E.ProtocolError as exc:
+            exc.extra.setdefault("reason", exc.message)
+            fx.error(conn, exc)
+            return fx
+
+        if current is not None and current.peer_id != peer_id:
+            self._remove(current, fx)
+        if holder is not None and holder.conn is not conn:
+            # Same identity on a new connection: the new one takes over the peer,
+            # its reservations included (a worker reconnecting before its dead
+            # socket was noticed).
+            fx.closes.append((holder.conn, E.CLOSE_REPLACED, "replaced"))
+            del self.by_conn[holder.conn]
+            self._drop_subscription(holder)
+            holder.conn = conn
+            self.by_conn[conn] = holder
+        peer = self.peers.get(peer_id)
+        joined = peer is None
+        if peer is None:
+            peer = Peer(peer_id, conn, sub, connected_at=round(now + self.wall_offset, 3))
+            self.peers[peer_id] = peer
+            self.by_conn[conn] = peer
+        else:
+            self.role_counts[peer.role] -= 1
+        peer.sub = sub
+        peer.set_profile(role, metadata)
+        self.role_counts[role] += 1
+        fx.send(
+            conn,
+            {"type": "registered_auth", "room_id": self.room_id, "token": token, "peer_id": peer_id},
+        )
+        self._notify(peer, fx, "joined" if joined else "changed")
+        return fx
+
+    # ---------------------------------------------------------------- messages
+    def handle(self, conn: Conn, msg: dict[str, Any], raw: str, now: float) -> Effects:
+        """Any message type but register and ping, from `conn`."""
+        fx = Effects()
+        peer = self.by_conn.get(conn)
+        try:
+            if peer is None:
+                raise E.ProtocolError(E.NOT_IN_ROOM, "Peer not registered in any room")
+            handler = _HANDLERS.get(msg["type"])
+            if handler is None:
+                raise E.ProtocolError(
+                    E.UNKNOWN_MESSAGE_TYPE, f"Unknown message type: {msg['type']}"
+                )
+            handler(self, peer, msg, raw, now, fx)
+        except E.ProtocolError as exc:
+            fx.error(conn, exc)
+        return fx
+
+    def _identity(self, peer: Peer, msg: dict[str, Any], field: str) -> None:
+        claimed = msg.get(field)
+        if claimed is not None and claimed != peer.peer_id:
+            raise E.ProtocolError(
+                E.SENDER_MISMATCH,
+                f"'{field}' does not match the peer registered on this connection",
+            )
+
+    def _discover(self, peer: Peer, msg: dict[str, Any], raw: str, now: float, fx: Effects) -> None:
+        self._identity(peer, msg, "from_peer_id")
+        flt = Filter(msg.get("filters"))
+        found = [p for p in self.peers.values() if p is not peer and flt.matches(p)]
+        fx.send(peer.conn, _peer_list("peer_list", {"to_peer_id": peer.peer_id}, found))
+
+    def _update_metadata(self, peer: Peer, msg: dict[str, Any], raw: str, now: float, fx: Effects) -> None:
+        self._identity(peer, msg, "peer_id")
+        if "metadata" not in msg or msg["metadata"] is None:
+            raise E.ProtocolError(E.MISSING_FIELDS, "Missing required fields: metadata")
+        update = md.validate(msg["metadata"])
+        merged = md.merge(peer.metadata, update)
+        md.check_size(merged, self.max_metadata_bytes)
+        peer.set_profile(peer.role, merged)
+        fx.send(peer.conn, {"type": "metadata_updated", "peer_id": peer.peer_id, "metadata": merged})
+        self._notify(peer, fx, "changed")
+
+    def _peer_message(self, peer: Peer, msg: dict[str, Any], raw: str, now: float, fx: Effects) -> None:
+        self._identity(peer, msg, "from_peer_id")
+        missing = [f for f in ("to_peer_id", "payload") if f not in msg]
+        if missing:
+            raise E.ProtocolError(E.MISSING_FIELDS, f"Missing required fields: {', '.join(missing)}")
+        to = msg["to_peer_id"]
+        if not isinstance(to, str):
+            raise E.ProtocolError(E.INVALID_MESSAGE, "field 'to_peer_id' must be a string")
+        target = self.peers.get(to)
+        if target is None:
+            raise E.ProtocolError(E.PEER_NOT_IN_ROOM, f"Target peer {to} not in same room")
+        fx.send(
+            target.conn,
+            {"type": "peer_message", "from_peer_id": peer.peer_id, "to_peer_id": to, "payload": msg["payload"]},
+        )
+        fx.routed += 1
+
+    def _signal(self, peer: Peer, msg: dict[str, Any], raw: str, now: float, fx: Effects) -> None:
+        self._identity(peer, msg, "sender")
+        to = msg.get("target")
+        if to is None:
+            raise E.ProtocolError(E.MISSING_FIELDS, "Missing required fields: target")
+        if not isinstance(to, str):
+            raise E.ProtocolError(E.INVALID_MESSAGE, "field 'target' must be a string")
+        target = self.peers.get(to)
+        if target is None:
+            # v2 dropped signalling to a peer that is gone without answering; a trickled
+            # candidate racing a disconnect must not make a v2 client shut down.
+            fx.dropped += 1
+            return
+        if msg.get("sender") == peer.peer_id:
+            fx.send(target.conn, raw)  # as sent: no re-encoding
+        else:
+            fx.send(target.conn, {**msg, "sender": peer.peer_id})
+        fx.routed += 1
+
+    # ------------------------------------------------------------- presence
+    def _subscribe(self, peer: Peer, msg: dict[str, Any], raw: str, now: float, fx: Effects) -> None:
+        flt = Filter(msg.get("filters"))
+        found = [p for p in self.peers.values() if p is not peer and flt.matches(p)]
+        peer.subscription = flt
+        peer.sub_matches = {p.peer_id for p in found}
+        self.subscribers[peer.peer_id] = peer
+        fx.send(peer.conn, _peer_list("subscribed", {}, found))
+
+    def _unsubscribe(self, peer: Peer, msg: dict[str, Any], raw: str, now: float, fx: Effects) -> None:
+        self._drop_subscription(peer)
+        fx.send(peer.conn, {"type": "unsubscribed"})
+
+    def _drop_subscription(self, peer: Peer) -> None:
+        peer.subscription = None
+        peer.sub_matches = set()
+        self.subscribers.pop(peer.peer_id, None)
+
+    def _notify(self, changed: Peer, fx: Effects, kind: str) -> None:
+        """Tell every subscriber but `changed` itself how its match set moved."""
+        pid = changed.peer_id
+        for sub in list(self.subscribers.values()):
+            if sub is changed:
+                continue
+            was = pid in sub.sub_matches
+            now_matches = kind != "left" and sub.subscription.matches(changed)  # type: ignore[union-attr]
+            if now_matches and not was:
+                sub.sub_matches.add(pid)
+                fx.send(sub.conn, _event("peer_joined", changed))
+            elif now_matches:
+                fx.send(sub.conn, _event("peer_updated", changed))
+            elif was:
+                sub.sub_matches.discard(pid)
+                fx.send(sub.conn, _event("peer_left", changed))
+
+    # ---------------------------------------------------------- reservations
+    def _reserve(self, peer: Peer, msg: dict[str, Any], raw: str, now: float, fx: Effects) -> None:
+        if "to_peer_id" not in msg or "duration_sec" not in msg:
+            missing = [f for f in ("to_peer_id", "duration_sec") if f not in msg]
+            raise E.ProtocolError(E.MISSING_FIELDS, f"Missing required fields: {', '.join(missing)}")
+        to = msg["to_peer_id"]
+        duration = msg["duration_sec"]
+        if not isinstance(to, str):
+            raise E.ProtocolError(E.INVALID_MESSAGE, "field 'to_peer_id' must be a string")
+        if (
+            isinstance(duration, bool)
+            or not isinstance(duration, (int, float))
+            or not MIN_RESERVATION <= duration <= MAX_RESERVATION
+        ):
+            raise E.ProtocolError(
+                E.INVALID_MESSAGE,
+                f"'duration_sec' must be a number from {MIN_RESERVATION} to {MAX_RESERVATION}",
+            )
+        flt = Filter(msg["filters"]) if msg.get("filters") is not None else None
+        if to == peer.peer_id:
+            raise E.ProtocolError(E.INVALID_MESSAGE, "a peer cannot reserve itself")
+        target = self.peers.get(to)
+        if target is None:
+            raise E.ProtocolError(E.PEER_NOT_FOUND, f"Target peer {to} not found in room")
+        if target.reserved_by is not None and target.reserved_by != peer.peer_id:
+            raise E.ProtocolError(
+                E.PEER_RESERVED,
+                f"peer {to} is reserved until {target.reserved_until}",
+                peer_id=to,
+                reserved_until=target.reserved_until,
+            )
+        if flt is not None and not flt.matches(target, viewer=peer.peer_id):
+            raise E.ProtocolError(E.PRECONDITION_FAILED, f"peer {to} does not match the filters")
+        deadline = now + duration
+        until = round(deadline + self.wall_offset, 3)
+        target.reserved_by = peer.peer_id
+        target.reserved_until = until
+        target.reserve_deadline = deadline
+        target.touch()
+        peer.holding.add(to)
+        self.deadlines[to] = deadline
+        fx.send(peer.conn, {"type": "reservation_granted", "peer_id": to, "reserved_until": until})
+        fx.send(target.conn, {"type": "peer_reserved", "by": peer.peer_id, "reserved_until": until})
+        self._notify(target, fx, "changed")
+
+    def _release_msg(self, peer: Peer, msg: dict[str, Any], raw: str, now: float, fx: Effects) -> None:
+        if "to_peer_id" not in msg:
+            raise E.ProtocolError(E.MISSING_FIELDS, "Missing required fields: to_peer_id")
+        to = msg["to_peer_id"]
+        if not isinstance(to, str):
+            raise E.ProtocolError(E.INVALID_MESSAGE, "field 'to_peer_id' must be a string")
+        target = self.peers.get(to)
+        if target is None or target.reserved_by != peer.peer_id:
+            raise E.ProtocolError(
+                E.PRECONDITION_FAILED, f"this peer holds no reservation on {to}"
+            )
+        self._release(target, "released", fx)
+        fx.send(peer.conn, {"type": "reservation_released", "peer_id": to})
+
+    def _release(self, target: Peer, reason: str, fx: Effects) -> None:
+        holder_id = target.reserved_by
+        assert holder_id is not None
+        holder = self.peers.get(holder_id)
+        if holder is not None:
+            holder.holding.discard(target.peer_id)
+        target.reserved_by = None
+        target.reserved_until = None
+        target.reserve_deadline = None
+        target.touch()
+        self.deadlines.pop(target.peer_id, None)
+        fx.send(target.conn, {"type": "peer_released", "by": holder_id, "reason": reason})
+        self._notify(target, fx, "changed")
+
+    def expire(self, now: float) -> Effects:
+        fx = Effects()
+        for target_id, deadline in list(self.deadlines.items()):
+            if deadline <= now:
+                self._release(self.peers[target_id], "expired", fx)
+        return fx
+
+    def _ping(self, peer: Peer, msg: dict[str, Any], raw: str, now: float, fx: Effects) -> None:
+        fx.send(peer.conn, '{"type":"pong"}')
+
+    # ---------------------------------------------------------------- leaving
+    def leave(self, conn: Conn) -> Effects:
+        fx = Effects()
+        peer = self.by_conn.get(conn)
+        if peer is not None:
+            self._remove(peer, fx)
+        return fx
+
+    def kick(self, peer_id: str | None, code: int, reason: str) -> Effects:
+        """Disconnect one peer (or all, with None) on the server's own initiative."""
+        fx = Effects()
+        victims = list(self.peers.values()) if peer_id is None else [self.peers[peer_id]] if peer_id in self.peers else []
+        for peer in victims:
+            fx.closes.append((peer.conn, code, reason))
+            self._remove(peer, fx)
+        return fx
+
+    def close_all(self, code: int, reason: str) -> Effects:
+        return self.kick(None, code, reason)
+
+    def _remove(self, peer: Peer, fx: Effects) -> None:
+        del self.peers[peer.peer_id]
+        del self.by_conn[peer.conn]
+        self.role_counts[peer.role] -= 1
+        if not self.role_counts[peer.role]:
+            del self.role_counts[peer.role]
+        self._drop_subscription(peer)
+        for target_id in list(peer.holding):
+            target = self.peers.get(target_id)
+            if target is not None and target.reserved_by == peer.peer_id:
+                self._release(target, "holder_left", fx)
+        peer.holding.clear()
+        if peer.reserved_by is not None:
+            holder = self.peers.get(peer.reserved_by)
+            if holder is not None:
+                holder.holding.discard(peer.peer_id)
+            self.deadlines.pop(peer.peer_id, None)
+        self._notify(peer, fx, "left")
+
+
+_HANDLERS = {
+    "discover_peers": RoomState._discover,
+    "update_metadata": RoomState._update_metadata,
+    "peer_message": RoomState._peer_message,
+    "offer": RoomState._signal,
+    "answer": RoomState._signal,
+    "candidate": RoomState._signal,
+    "subscribe": RoomState._subscribe,
+    "unsubscribe": RoomState._unsubscribe,
+    "reserve_peer": RoomState._reserve,
+    "release_peer": RoomState._release_msg,
+    "ping": RoomState._ping,
+}

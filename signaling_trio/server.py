@@ -1,0 +1,236 @@
+"""The one nursery: listeners, HTTP app, room supervisor, housekeeping; and shutdown.
+
+Owns: start-up order (bind both ports first, so a port in use fails before anything
+runs), the set of live connections, graceful shutdown (close listeners, 1001 to every
+WebSocket, flush the store, return).
+"""
+
+from __future__ import annotations
+
+import datetime
+import errno
+import os
+import logging
+import socket
+import time
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve as hypercorn_serve
+from trio_websocket import WebSocketServer
+
+from . import _log
+from ._http import create_app
+from ._log import event
+from ._metrics import Metrics
+from ._rooms import RoomSupervisor
+from ._ws import Connection, handle_request
+from .auth import LocalAuthority, Verifier
+from .config import ConfigError, Settings
+from .protocol import errors as E
+from .store import Store, open_store
+
+PURGE_INTERVAL = 300.0
+EXPIRED_GRACE = 86400.0  # an expired room answers ROOM_EXPIRED for a day, then is purged
+HARD_MAX_FRAME = 1024 * 1024  # beyond this trio-websocket closes with 1009
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    host: str
+    ws_port: int
+    http_port: int
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://{_connect_host(self.host)}:{self.ws_port}/"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{_connect_host(self.host)}:{self.http_port}"
+
+
+def _connect_host(host: str) -> str:
+    if host in ("0.0.0.0", ""):
+        return "127.0.0.1"
+    if host == "::":
+        return "[::1]"
+    return f"[{host}]" if ":" in host else host
+
+
+def _bind(host: str, port: int, what: str) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(1024)
+    except OSError as exc:
+        sock.close()
+        reason = "address already in use" if exc.errno == errno.EADDRINUSE else (exc.strerror or str(exc))
+        raise ConfigError(f"cannot listen on {host}:{port} ({what}): {reason}") from None
+    sock.setblocking(False)
+    return sock
+
+
+class SignalingServer:
+    def __init__(self, settings: Settings, *, store: Store | None = None) -> None:
+        self.settings = settings
+        self.metrics = Metrics()
+        self.supervisor = RoomSupervisor(settings, self.metrics)
+        self.connections: set[Connection] = set()
+        self.connections_drained = trio.Event()
+        self._store = store
+        self.local_authority: LocalAuthority | None = None
+        self.verifier: Verifier
+        self.info: ServerInfo | None = None
+        self.started_at = time.time()
+        self._shutdown = trio.Event()
+
+    @property
+    def store(self) -> Store:
+        assert self._store is not None
+        return self._store
+
+    def shutdown(self) -> None:
+        """Begin a graceful shutdown; `run` returns when it is done."""
+        self._shutdown.set()
+
+    def _setup_auth(self) -> None:
+        s = self.settings
+        if s.auth == "local":
+            if s.store == "memory":
+                self.local_authority = LocalAuthority.ephemeral(lifetime=s.token_lifetime)
+            else:
+                self.local_authority = LocalAuthority.load_or_create(s.data_dir, lifetime=s.token_lifetime)
+            self.verifier = self.local_authority
+        else:
+            raise ConfigError("--auth oidc is not supported yet by this build")
+
+    async def run(self, *, task_status: trio.TaskStatus[ServerInfo] = trio.TASK_STATUS_IGNORED) -> None:
+        s = self.settings
+        if self._store is None:
+            self._store = open_store(s)
+        self._setup_auth()
+        ws_sock = _bind(s.host, s.ws_port, "--ws-port")
+        try:
+            http_sock = _bind(s.host, s.http_port, "--http-port")
+        except ConfigError:
+            ws_sock.close()
+            raise
+        self.info = ServerInfo(s.host, ws_sock.getsockname()[1], http_sock.getsockname()[1])
+        try:
+            await self.store.check()
+        except Exception as exc:
+            ws_sock.close()
+            http_sock.close()
+            raise ConfigError(f"store {s.store}: {exc}") from None
+
+        try:
+            async with trio.open_nursery() as root:
+                await root.start(self.supervisor.run)
+                root.start_soon(self._purge_loop)
+                async with trio.open_nursery() as listeners:
+                    ws_listener = trio.SocketListener(trio.socket.from_stdlib_socket(ws_sock))
+                    ws_server = WebSocketServer(
+                        partial(handle_request, self),
+                        [ws_listener],
+                        handler_nursery=root,
+                        max_message_size=max(HARD_MAX_FRAME, s.max_frame_bytes),
+                        connect_timeout=10,
+                        disconnect_timeout=2,
+                    )
+                    ws_scope = trio.CancelScope()
+
+                    async def run_ws(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+                        with ws_scope:
+                            await ws_server.run(task_status=task_status)
+
+                    await listeners.start(run_ws)
+                    http_stop = trio.Event()
+                    await listeners.start(partial(
+                        hypercorn_serve, create_app(self), self._hypercorn_config(http_sock),
+                        shutdown_trigger=http_stop.wait,
+                    ))
+                    event(logging.INFO, "listening", ws=self.info.ws_url, http=self.info.http_url,
+                          store=s.store_kind, auth=s.auth, version=_version())
+                    task_status.started(self.info)
+                    await self._shutdown.wait()
+                    event(logging.INFO, "shutting down", connections=len(self.connections))
+                    # Stop accepting, then tell every client we are going away (1001).
+                    ws_scope.cancel()
+                    http_stop.set()
+                    with trio.move_on_after(s.shutdown_timeout / 2):
+                        if self.connections:
+                            self.connections_drained = trio.Event()
+                            for conn in list(self.connections):
+                                conn.request_close(E.CLOSE_GOING_AWAY, "server shutting down")
+                            await self.connections_drained.wait()
+                    # hypercorn drains within its graceful_timeout; never wait longer.
+                    listeners.cancel_scope.deadline = trio.current_time() + 1.5
+                root.cancel_scope.cancel()
+        finally:
+            with trio.CancelScope(shield=True):
+                with trio.move_on_after(2):
+                    await self.store.aclose()
+            for sock in (ws_sock, http_sock):
+                try:
+                    sock.close()
+                except OSError:
+                    pass
+            event(logging.INFO, "stopped")
+
+    def _hypercorn_config(self, sock: socket.socket) -> HypercornConfig:
+        config = HypercornConfig()
+        config.bind = [f"fd://{os.dup(sock.fileno())}"]  # hypercorn owns (and closes) its copy
+        config.accesslog = None
+        config.errorlog = _log.logger.getChild("http")
+        config.graceful_timeout = 1.0
+        config.keep_alive_timeout = 5
+        config.h11_max_incomplete_size = 16 * 1024
+        return config
+
+    async def _purge_loop(self) -> None:
+        while True:
+            await trio.sleep(PURGE_INTERVAL)
+            try:
+                n = await self.store.purge_expired(time.time() - EXPIRED_GRACE)
+                if n:
+                    event(logging.INFO, "rooms purged", count=n)
+            except Exception as exc:  # the store may be down; /health reports it
+                event(logging.WARNING, "purge failed", error=type(exc).__name__)
+
+    def metrics_json(self) -> dict[str, Any]:
+        m = self.metrics
+        return {
+            "timestamp": datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None).isoformat() + "Z",
+            "active_rooms": len(self.supervisor.rooms),
+            "active_connections": self.supervisor.peer_count(),
+            "peers_by_role": self.supervisor.peers_by_role(),
+            "total_connections": m.total_connections,
+            "total_messages": m.total_messages,
+            "rooms_created": m.rooms_created,
+            "open_websockets": m.active_connections,
+            "messages_by_type": dict(m.messages_by_type),
+            "errors_by_code": dict(m.errors_by_code),
+            "dropped_signals": m.dropped_signals,
+            "outbox_overflows": m.outbox_overflows,
+            "rate_limited_drops": m.rate_limited_drops,
+            "room_crashes": m.room_crashes,
+            "uptime_sec": round(time.time() - self.started_at, 3),
+        }
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+async def serve(settings: Settings, *, task_status: trio.TaskStatus[ServerInfo] = trio.TASK_STATUS_IGNORED) -> None:
+    """Run a server until cancelled (or until SIGINT/SIGTERM when used from the CLI)."""
+    server = SignalingServer(settings)
+    await server.run(task_status=task_status)

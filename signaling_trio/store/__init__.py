@@ -1,0 +1,64 @@
+"""Where rooms live: one small async interface, memory and sqlite behind it.
+
+Owns: room records (id, token hash, creator, expiry) and their persistence.
+Never touches: live peers (rooms' actors own those), sockets.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+from dataclasses import dataclass
+from typing import Protocol
+
+from ..config import ConfigError, Settings
+
+
+class StoreUnavailable(Exception):
+    """The store cannot be reached or written; clients get STORE_UNAVAILABLE / 503."""
+
+
+@dataclass(frozen=True)
+class RoomRecord:
+    room_id: str
+    token_hash: str
+    creator: str
+    created_at: float
+    expires_at: float
+
+    def token_matches(self, token: str) -> bool:
+        return hmac.compare_digest(hash_token(token), self.token_hash)
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+class Store(Protocol):
+    async def create_room(self, room: RoomRecord) -> None: ...
+    async def get_room(self, room_id: str) -> RoomRecord | None: ...
+    async def set_expiry(self, room_id: str, expires_at: float) -> bool: ...
+    async def delete_room(self, room_id: str) -> bool: ...
+    async def purge_expired(self, before: float) -> int: ...
+    async def check(self) -> None: ...
+    async def aclose(self) -> None: ...
+
+
+def open_store(settings: Settings) -> Store:
+    from .memory import MemoryStore
+    from .sqlite import SqliteStore
+
+    if settings.store == "memory":
+        return MemoryStore()
+    if settings.store == "sqlite" or settings.store.startswith("sqlite:"):
+        path = settings.store[len("sqlite:"):] if settings.store.startswith("sqlite:") else ""
+        if not path:
+            path = os.path.join(settings.data_dir, "signaling.sqlite3")
+        return SqliteStore(path)
+    if settings.store.startswith("redis://"):
+        raise ConfigError(f"--store {settings.store}: the redis store is not supported yet")
+    raise ConfigError(f"--store {settings.store!r}: unknown store scheme")
+
+
+__all__ = ["RoomRecord", "Store", "StoreUnavailable", "hash_token", "open_store"]

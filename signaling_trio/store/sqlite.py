@@ -1,0 +1,107 @@
+"""The embedded store: one sqlite file, used from one worker thread at a time.
+
+sqlite3 blocks, so every call runs in trio.to_thread behind a CapacityLimiter(1): the
+connection is only ever used by one thread at once, and the event loop never blocks.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+from typing import Any, Callable, TypeVar
+
+import trio
+
+from . import RoomRecord, StoreUnavailable
+
+T = TypeVar("T")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS rooms (
+    room_id    TEXT PRIMARY KEY,
+    token_hash TEXT NOT NULL,
+    creator    TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    expires_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS rooms_expires_at ON rooms (expires_at);
+CREATE TABLE IF NOT EXISTS health (k INTEGER PRIMARY KEY, checked_at REAL NOT NULL);
+"""
+
+
+class SqliteStore:
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._limiter = trio.CapacityLimiter(1)
+        self._db: sqlite3.Connection | None = None
+
+    def _connect(self) -> sqlite3.Connection:
+        if self._db is None:
+            parent = os.path.dirname(os.path.abspath(self.path))
+            os.makedirs(parent, exist_ok=True)
+            db = sqlite3.connect(self.path, check_same_thread=False, timeout=2.0, isolation_level=None)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.executescript(_SCHEMA)
+            self._db = db
+        return self._db
+
+    async def open(self) -> None:
+        await self._run(lambda db: None)
+
+    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        def job() -> T:
+            try:
+                return fn(self._connect())
+            except (sqlite3.Error, OSError) as exc:
+                raise StoreUnavailable(f"sqlite store {self.path}: {exc}") from exc
+
+        return await trio.to_thread.run_sync(job, limiter=self._limiter)
+
+    async def create_room(self, room: RoomRecord) -> None:
+        await self._run(
+            lambda db: db.execute(
+                "INSERT INTO rooms VALUES (?, ?, ?, ?, ?)",
+                (room.room_id, room.token_hash, room.creator, room.created_at, room.expires_at),
+            )
+        )
+
+    async def get_room(self, room_id: str) -> RoomRecord | None:
+        def q(db: sqlite3.Connection) -> Any:
+            return db.execute(
+                "SELECT room_id, token_hash, creator, created_at, expires_at FROM rooms WHERE room_id = ?",
+                (room_id,),
+            ).fetchone()
+
+        row = await self._run(q)
+        return RoomRecord(*row) if row else None
+
+    async def set_expiry(self, room_id: str, expires_at: float) -> bool:
+        cur = await self._run(
+            lambda db: db.execute("UPDATE rooms SET expires_at = ? WHERE room_id = ?", (expires_at, room_id))
+        )
+        return cur.rowcount > 0
+
+    async def delete_room(self, room_id: str) -> bool:
+        cur = await self._run(lambda db: db.execute("DELETE FROM rooms WHERE room_id = ?", (room_id,)))
+        return cur.rowcount > 0
+
+    async def purge_expired(self, before: float) -> int:
+        cur = await self._run(lambda db: db.execute("DELETE FROM rooms WHERE expires_at < ?", (before,)))
+        return cur.rowcount
+
+    async def check(self) -> None:
+        # A write, not just a read: a read-only file or a full disk must show as unhealthy.
+        await self._run(
+            lambda db: db.execute("INSERT OR REPLACE INTO health VALUES (1, ?)", (time.time(),))
+        )
+
+    async def aclose(self) -> None:
+        def close(db: sqlite3.Connection) -> None:
+            db.close()
+            self._db = None
+
+        if self._db is not None:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(lambda: close(self._db), limiter=self._limiter)  # type: ignore[arg-type]
