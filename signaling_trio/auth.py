@@ -88,6 +88,7 @@ class LocalAuthority:
         self.issuer = LOCAL_ISSUER
         self.audience = LOCAL_AUDIENCE
         self.cache = TokenCache()
+        self.clock = time.time  # replaceable in tests
 
     @classmethod
     def ephemeral(cls, *, lifetime: int = 86400) -> "LocalAuthority":
@@ -124,7 +125,7 @@ class LocalAuthority:
         return cls(key, lifetime=lifetime)
 
     def issue(self, sub: str, *, now: float | None = None, lifetime: int | None = None) -> str:
-        now = time.time() if now is None else now
+        now = self.clock() if now is None else now
         claims = {
             "iss": self.issuer,
             "aud": self.audience,
@@ -139,7 +140,7 @@ class LocalAuthority:
         return self.keyset.as_dict(private=False)
 
     def verify(self, token: str, *, now: float | None = None) -> dict[str, Any]:
-        now = time.time() if now is None else now
+        now = self.clock() if now is None else now
         cached = self.cache.get(token, now)
         if cached is not None:
             return cached

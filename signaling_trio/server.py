@@ -31,7 +31,7 @@ from ._ws import Connection, handle_request
 from .auth import LocalAuthority, Verifier
 from .config import ConfigError, Settings
 from .protocol import errors as E
-from .store import Store, open_store
+from .store import Store, StoreUnavailable, open_store
 
 PURGE_INTERVAL = 300.0
 EXPIRED_GRACE = 86400.0  # an expired room answers ROOM_EXPIRED for a day, then is purged
@@ -127,7 +127,7 @@ class SignalingServer:
         except Exception as exc:
             ws_sock.close()
             http_sock.close()
-            raise ConfigError(f"store {s.store}: {exc}") from None
+            raise ConfigError(str(exc) if isinstance(exc, StoreUnavailable) else f"store {s.store}: {exc}") from None
 
         try:
             async with trio.open_nursery() as root:

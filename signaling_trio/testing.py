@@ -79,9 +79,17 @@ async def open_test_server(**options: Any) -> AsyncIterator[TestServer]:
     base.update(options)
     settings = validate(Settings(**base))
     server = SignalingServer(settings)
-    async with trio.open_nursery() as nursery:
-        info = await nursery.start(server.run)
-        try:
-            yield TestServer(server, info, settings)
-        finally:
-            server.shutdown()
+    started = False
+    try:
+        async with trio.open_nursery() as nursery:
+            info = await nursery.start(server.run)
+            started = True
+            try:
+                yield TestServer(server, info, settings)
+            finally:
+                server.shutdown()
+    except BaseExceptionGroup as group:
+        # A server that failed to start raises its own error, not a nursery's group.
+        if not started and len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise
