@@ -17,11 +17,13 @@ from typing import TYPE_CHECKING, Any
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest
 
+from . import _wsfix  # noqa: F401  (sends 1007/1002 close frames)
 from ._log import event
 from ._rooms import Leave, Message, Register, RoomActor
 from .auth import AuthError
 from .protocol import errors as E
 from .protocol import metadata as md
+from .protocol.limits import TokenBucket
 from .protocol.messages import ROOM_TYPES, decode, dumps
 from .store import StoreUnavailable
 
@@ -53,8 +55,7 @@ class Connection:
         self.sub: str | None = None
         self.id_token: str | None = None
         # rate limit: a token bucket on trio's clock
-        self._tokens = float(self.settings.rate_burst)
-        self._refilled = trio.current_time()
+        self._bucket = TokenBucket(self.settings.rate_limit, self.settings.rate_burst, trio.current_time())
         self._rate_error_at = -math.inf
         self._last_rx = trio.current_time()
         self._overflowing = False
@@ -161,20 +162,14 @@ class Connection:
         self.deliver(dumps(exc.to_message()))
 
     def _take_token(self, now: float) -> bool:
-        rate = self.settings.rate_limit
-        if rate <= 0:
-            return True
-        burst = self.settings.rate_burst
-        self._tokens = min(burst, self._tokens + (now - self._refilled) * rate)
-        self._refilled = now
-        if self._tokens >= 1:
-            self._tokens -= 1
+        if self._bucket.take(now):
             return True
         self.metrics.rate_limited_drops += 1
-        if now - self._rate_error_at >= 1.0:
+        if now - self._rate_error_at >= 1.0:  # at most one RATE_LIMITED a second
             self._rate_error_at = now
             self._error(E.ProtocolError(
-                E.RATE_LIMITED, f"more than {rate:g} messages/s; messages are being dropped"
+                E.RATE_LIMITED,
+                f"more than {self.settings.rate_limit:g} messages/s; messages are being dropped",
             ))
         return False
 

@@ -1,0 +1,68 @@
+"""A bare WebSocket client on a raw trio socket, for misbehaving on purpose: never
+answering pings, sending invalid UTF-8, oversize handshakes."""
+
+from __future__ import annotations
+
+import os
+import struct
+
+import trio
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import AcceptConnection, Request
+
+
+async def raw_connect(port: int, *, extra_headers: list[tuple[bytes, bytes]] | None = None) -> trio.SocketStream:
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    ws = WSConnection(ConnectionType.CLIENT)
+    await stream.send_all(ws.send(Request(host="127.0.0.1", target="/", extra_headers=extra_headers or [])))
+    with trio.fail_after(5):
+        while True:
+            data = await stream.receive_some(65536)
+            assert data, "server closed during handshake"
+            ws.receive_data(data)
+            if any(isinstance(e, AcceptConnection) for e in ws.events()):
+                return stream
+
+
+def frame(opcode: int, payload: bytes) -> bytes:
+    """One masked client frame, FIN set."""
+    head = bytes([0x80 | opcode])
+    n = len(payload)
+    if n < 126:
+        head += bytes([0x80 | n])
+    elif n < 65536:
+        head += bytes([0x80 | 126]) + struct.pack("!H", n)
+    else:
+        head += bytes([0x80 | 127]) + struct.pack("!Q", n)
+    mask = os.urandom(4)
+    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+async def read_until_closed(stream: trio.SocketStream, timeout: float = 5) -> tuple[bytes, int | None]:
+    """Read everything until EOF; return the bytes and the close code of a close frame in them."""
+    buf = b""
+    with trio.fail_after(timeout):
+        while True:
+            try:
+                data = await stream.receive_some(65536)
+            except trio.BrokenResourceError:
+                break
+            if not data:
+                break
+            buf += data
+    code = None
+    i = 0
+    while i + 2 <= len(buf):  # walk the server's (unmasked) frames
+        op = buf[i] & 0x0F
+        n = buf[i + 1] & 0x7F
+        j = i + 2
+        if n == 126:
+            n = struct.unpack("!H", buf[j:j + 2])[0]
+            j += 2
+        elif n == 127:
+            n = struct.unpack("!Q", buf[j:j + 8])[0]
+            j += 8
+        if op == 0x8 and n >= 2:
+            code = struct.unpack("!H", buf[j:j + 2])[0]
+        i = j + n
+    return buf, code
