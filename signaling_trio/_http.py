@@ -19,6 +19,7 @@ from quart_trio import QuartTrio
 
 from . import __version__
 from ._log import event
+from ._prometheus import negotiate
 from .auth import AuthError
 from .protocol import errors as E
 from .protocol.room import RoomState
@@ -69,7 +70,7 @@ def create_app(server: "SignalingServer") -> QuartTrio:
         except (StoreUnavailable, trio.TooSlowError):
             raise HttpError(503, E.STORE_UNAVAILABLE, "the room store cannot be reached") from None
 
-    def bearer(required: bool) -> dict[str, Any] | None:
+    async def bearer(required: bool) -> dict[str, Any] | None:
         header = request.headers.get("Authorization", "")
         if not header:
             if required:
@@ -78,7 +79,7 @@ def create_app(server: "SignalingServer") -> QuartTrio:
         # v1 servers stripped "Bearer " if present; a bare token was accepted too.
         token = header[7:].strip() if header[:7].lower() == "bearer " else header.strip()
         try:
-            return server.verifier.verify(token)
+            return await server.verifier.verify(token)
         except AuthError as exc:
             raise HttpError(401, E.INVALID_ID_TOKEN, str(exc)) from None
 
@@ -112,8 +113,10 @@ def create_app(server: "SignalingServer") -> QuartTrio:
             checks["store"] = "ok"
         except (StoreUnavailable, trio.TooSlowError) as exc:
             checks["store"] = "unreachable" if isinstance(exc, trio.TooSlowError) else "error"
+        if server.oidc is not None:
+            checks["jwks"] = "ok" if server.oidc.ready else "unavailable"
         body_ = {"status": "healthy", "timestamp": utc_timestamp(), "version": __version__}
-        if checks["store"] != "ok":
+        if any(v != "ok" for v in checks.values()):
             body_["status"] = "unhealthy"
             body_["checks"] = checks
             return body_, 503
@@ -121,7 +124,12 @@ def create_app(server: "SignalingServer") -> QuartTrio:
 
     @app.get("/metrics")
     async def metrics() -> Any:
-        return server.metrics_json()
+        # JSON stays the default (v2); Prometheus scrapers ask for text or OpenMetrics.
+        best = negotiate(request.headers.get("Accept", ""))
+        if best == "json":
+            return server.metrics_json()
+        body_, content_type = server.prometheus.render(openmetrics=best == "openmetrics")
+        return body_, 200, {"Content-Type": content_type}
 
     @app.post("/anonymous-signin")
     async def anonymous_signin() -> Any:
@@ -143,7 +151,7 @@ def create_app(server: "SignalingServer") -> QuartTrio:
 
     @app.post("/create-room")
     async def create_room() -> Any:
-        claims = bearer(required=True)
+        claims = await bearer(required=True)
         assert claims is not None
         now = time.time()
         room_id = secrets.token_hex(6)
@@ -156,7 +164,7 @@ def create_app(server: "SignalingServer") -> QuartTrio:
 
     @app.post("/extend-room")
     async def extend_room() -> Any:
-        claims = bearer(required=True)
+        claims = await bearer(required=True)
         assert claims is not None
         data = await body()
         room_id = string_field(data, "room_id")
@@ -182,7 +190,7 @@ def create_app(server: "SignalingServer") -> QuartTrio:
         data = await body()
         peer_id = string_field(data, "peer_id")
         assert peer_id is not None
-        claims = bearer(required=False)
+        claims = await bearer(required=False)
         room_id = string_field(data, "room_id", required=False) or server.supervisor.last_room.get(peer_id)
         if room_id is None:
             return {"status": "peer not found"}

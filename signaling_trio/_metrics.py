@@ -19,3 +19,6 @@ class Metrics:
         self.outbox_overflows = 0
         self.room_crashes = 0
         self.rate_limited_drops = 0
+        self.stalled_readers = 0
+        self.register_timeouts = 0
+        self.ping_timeouts = 0

@@ -152,8 +152,9 @@ class RoomActor:
             self.metrics.total_messages += fx.routed
         if fx.dropped:
             self.metrics.dropped_signals += fx.dropped
-        for code in fx.errors:
+        for conn, code in fx.errors:
             self.metrics.errors_by_code[code] += 1
+            event(logging.INFO, "error", conn=conn.id, room_id=self.room_id, code=code)  # type: ignore[attr-defined]
 
 
 class RoomSupervisor:

@@ -140,8 +140,10 @@ class Connection:
             self.metrics.messages_by_type["ping"] += 1
             self.deliver(PONG)
         elif mtype == "register":
+            started = trio.current_time()
             try:
                 await self._register(msg)
+                self.server.prometheus.register_seconds.observe(trio.current_time() - started)
             except E.ProtocolError as exc:
                 exc.extra.setdefault("reason", exc.message)  # v1 clients read "reason"
                 self._error(exc)
@@ -196,7 +198,7 @@ class Connection:
             sub = self.sub
         else:
             try:
-                claims = self.server.verifier.verify(id_token)
+                claims = await self.server.verifier.verify(id_token)
             except AuthError as exc:
                 raise E.ProtocolError(E.INVALID_ID_TOKEN, str(exc)) from None
             sub = claims["sub"]
@@ -266,6 +268,7 @@ class Connection:
                     return
                 if cs.cancelled_caught:
                     event(logging.WARNING, "stalled reader", conn=self.id, peer_id=self.peer_id)
+                    self.metrics.stalled_readers += 1
                     self.request_close(E.CLOSE_POLICY, "stalled reader")
                     return
 
@@ -273,6 +276,7 @@ class Connection:
         await trio.sleep(self.settings.register_timeout)
         if self.peer_id is None and self.id_token is None:
             event(logging.INFO, "register timeout", conn=self.id)
+            self.metrics.register_timeouts += 1
             self.request_close(E.CLOSE_POLICY, "register timeout")
 
     async def _heartbeat(self) -> None:
@@ -286,6 +290,7 @@ class Connection:
                     await self.ws.ping()
             except trio.TooSlowError:
                 event(logging.INFO, "ping timeout", conn=self.id, peer_id=self.peer_id)
+                self.metrics.ping_timeouts += 1
                 self.request_close(E.CLOSE_POLICY, "ping timeout")
                 return
             except ConnectionClosed:

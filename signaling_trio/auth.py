@@ -32,7 +32,7 @@ class AuthError(Exception):
 
 
 class Verifier(Protocol):
-    def verify(self, token: str) -> dict[str, Any]: ...
+    async def verify(self, token: str) -> dict[str, Any]: ...
 
 
 class TokenCache:
@@ -139,7 +139,11 @@ class LocalAuthority:
     def jwks(self) -> dict[str, Any]:
         return self.keyset.as_dict(private=False)
 
-    def verify(self, token: str, *, now: float | None = None) -> dict[str, Any]:
+    async def verify(self, token: str) -> dict[str, Any]:
+        return self.check(token)
+
+    def check(self, token: str, *, now: float | None = None) -> dict[str, Any]:
+        """Verify synchronously (RS256 with our own key needs no I/O)."""
         now = self.clock() if now is None else now
         cached = self.cache.get(token, now)
         if cached is not None:

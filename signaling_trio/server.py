@@ -26,6 +26,8 @@ from . import _log
 from ._http import create_app
 from ._log import event
 from ._metrics import Metrics
+from ._oidc import OidcVerifier
+from ._prometheus import PrometheusExporter
 from ._rooms import RoomSupervisor
 from ._ws import Connection, handle_request
 from .auth import LocalAuthority, Verifier
@@ -81,10 +83,12 @@ class SignalingServer:
         self.settings = settings
         self.metrics = Metrics()
         self.supervisor = RoomSupervisor(settings, self.metrics)
+        self.prometheus = PrometheusExporter(self)
         self.connections: set[Connection] = set()
         self.connections_drained = trio.Event()
         self._store = store
         self.local_authority: LocalAuthority | None = None
+        self.oidc: OidcVerifier | None = None
         self.verifier: Verifier
         self.info: ServerInfo | None = None
         self.started_at = time.time()
@@ -108,7 +112,9 @@ class SignalingServer:
                 self.local_authority = LocalAuthority.load_or_create(s.data_dir, lifetime=s.token_lifetime)
             self.verifier = self.local_authority
         else:
-            raise ConfigError("--auth oidc is not supported yet by this build")
+            assert s.oidc_issuer is not None  # validated in config
+            self.oidc = OidcVerifier(s.oidc_issuer, audience=s.oidc_audience, jwks_url=s.oidc_jwks_url)
+            self.verifier = self.oidc
 
     async def run(self, *, task_status: trio.TaskStatus[ServerInfo] = trio.TASK_STATUS_IGNORED) -> None:
         s = self.settings
@@ -132,6 +138,8 @@ class SignalingServer:
         try:
             async with trio.open_nursery() as root:
                 await root.start(self.supervisor.run)
+                if self.oidc is not None:
+                    await root.start(self.oidc.run)
                 root.start_soon(self._purge_loop)
                 async with trio.open_nursery() as listeners:
                     ws_listener = trio.SocketListener(trio.socket.from_stdlib_socket(ws_sock))

@@ -59,6 +59,19 @@ class TestServer:
 
         return await trio.to_thread.run_sync(call)
 
+    async def http_raw(self, method: str, path: str, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+        """(status, headers with lower-case names, body bytes), for non-JSON answers."""
+
+        def call() -> tuple[int, dict[str, str], bytes]:
+            req = urllib.request.Request(self.http_url + path, method=method, headers=headers or {})
+            try:
+                with urllib.request.urlopen(req, timeout=10) as resp:
+                    return resp.status, {k.lower(): v for k, v in resp.headers.items()}, resp.read()
+            except urllib.error.HTTPError as err:
+                return err.code, {k.lower(): v for k, v in err.headers.items()}, err.read()
+
+        return await trio.to_thread.run_sync(call)
+
     async def new_room(self) -> dict[str, Any]:
         """Sign in anonymously and create a room: {id_token, username, room_id, token, expires_at}."""
         status, signin = await self.http("POST", "/anonymous-signin")

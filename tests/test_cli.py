@@ -148,3 +148,42 @@ async def test_cli_graceful_shutdown(tmp_path, signum):
 
 def test_settings_validate_roundtrip():
     assert Settings().with_changes(store="memory").store == "memory"
+
+
+async def test_cli_json_logs(tmp_path):
+    ws_port, http_port = free_port(), free_port()
+    proc = run_cli("--host", "127.0.0.1", "--ws-port", str(ws_port), "--http-port", str(http_port),
+                   "--data-dir", str(tmp_path), env={"SIGNALING_LOG_FORMAT": "json"})
+    try:
+        await trio.to_thread.run_sync(wait_healthy, http_port, proc)
+
+        def post(path: str, token: str | None = None) -> dict:
+            req = urllib.request.Request(f"http://127.0.0.1:{http_port}{path}", data=b"", method="POST",
+                                         headers={"Authorization": f"Bearer {token}"} if token else {})
+            with urllib.request.urlopen(req, timeout=5) as r:
+                return json.loads(r.read())
+
+        signin = await trio.to_thread.run_sync(post, "/anonymous-signin")
+        room = {**signin, **await trio.to_thread.run_sync(post, "/create-room", signin["id_token"])}
+        async with ws_peer(f"ws://127.0.0.1:{ws_port}/") as p:
+            await register(p, room, "json-peer", role="worker", metadata={"properties": {"secret_value": "s3cr3t"}})
+            await p.request({"type": "peer_message", "to_peer_id": "nobody", "payload": {"sdp": "v=0 private"}})
+        proc.send_signal(signal.SIGTERM)
+        assert await trio.to_thread.run_sync(lambda: proc.wait(timeout=10)) == 0
+        _, err = proc.communicate()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    records = [json.loads(line) for line in err.splitlines() if line.strip()]
+    assert records and all({"timestamp", "level", "event"} <= r.keys() for r in records)
+    assert all(r["timestamp"].endswith("Z") for r in records)
+    events = {r["event"] for r in records}
+    assert {"listening", "connect", "register", "error", "disconnect", "shutting down", "stopped"} <= events
+    reg = next(r for r in records if r["event"] == "register")
+    assert reg["peer_id"] == "json-peer" and reg["room_id"] == room["room_id"] and reg["role"] == "worker"
+    err_rec = next(r for r in records if r["event"] == "error")
+    assert err_rec["code"] == "PEER_NOT_IN_ROOM"
+    # never payloads, SDP, metadata values or tokens
+    for secret in (signin["id_token"], room["token"], "s3cr3t", "v=0 private"):
+        assert secret not in err

@@ -88,13 +88,13 @@ class Effects:
         self.closes: list[tuple[Conn, int, str]] = []
         self.routed = 0
         self.dropped = 0
-        self.errors: list[str] = []
+        self.errors: list[tuple[Conn, str]] = []
 
     def send(self, conn: Conn, msg: dict[str, Any] | str) -> None:
         self.sends.append((conn, msg if isinstance(msg, str) else dumps(msg)))
 
     def error(self, conn: Conn, exc: E.ProtocolError) -> None:
-        self.errors.append(exc.code)
+        self.errors.append((conn, exc.code))
         self.send(conn, exc.to_message())
 
 
