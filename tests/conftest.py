@@ -12,7 +12,7 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed, open_websocket_url
 
-from signaling_trio.testing import TestServer, open_test_server
+from signaling_trio.testing import TestServer
 
 RECV_TIMEOUT = 5.0
 
@@ -78,9 +78,9 @@ async def register(
 
 
 @pytest.fixture
-async def server() -> AsyncIterator[TestServer]:
-    async with open_test_server() as srv:
-        yield srv
+def server(signaling_server: TestServer) -> TestServer:
+    """Our own tests use the pytest plugin's server fixture, as users do."""
+    return signaling_server
 
 
 @pytest.fixture
