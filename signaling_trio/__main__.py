@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import resource
 import signal
 import sys
 from typing import Sequence
@@ -13,18 +15,22 @@ from .config import ConfigError, from_args
 from .server import SignalingServer
 
 
-async def _main(server: SignalingServer) -> None:
+async def _main(server: SignalingServer, files: tuple[int, int]) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
             async def watch() -> None:
                 async for signum in signals:
-                    _log.event(20, "signal", signal=signal.Signals(signum).name)
+                    _log.event(logging.INFO, "signal", signal=signal.Signals(signum).name)
                     server.shutdown()
                     return
 
+            async def run(task_status: trio.TaskStatus[object] = trio.TASK_STATUS_IGNORED) -> None:
+                await server.run(task_status=task_status)
+                nursery.cancel_scope.cancel()
+
             nursery.start_soon(watch)
-            await server.run()
-            nursery.cancel_scope.cancel()
+            await nursery.start(run)  # start-up errors raise here, before anything is logged
+            _report_open_files(*files)
 
 
 def _config_errors(exc: BaseException) -> list[ConfigError]:
@@ -38,6 +44,30 @@ def _config_errors(exc: BaseException) -> list[ConfigError]:
     return []
 
 
+WANTED_OPEN_FILES = 65536
+
+
+def raise_open_files_limit(wanted: int = WANTED_OPEN_FILES) -> tuple[int, int]:
+    """Every connection is a file descriptor: lift the soft limit to the hard limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, wanted)
+    if soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    return soft, hard
+
+
+def _report_open_files(soft: int, hard: int, wanted: int = WANTED_OPEN_FILES) -> None:
+    if hard != resource.RLIM_INFINITY and hard < wanted:
+        _log.event(logging.WARNING, "open files limited", soft=soft, hard=hard, wanted=wanted,
+                   max_connections_about=max(0, soft - 64))
+    else:
+        _log.event(logging.INFO, "open files", soft=soft, hard=hard)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = from_args(argv)
@@ -45,15 +75,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"signaling-trio: {exc}", file=sys.stderr)
         return 2
     _log.setup(settings.log_level, settings.log_format)
+    files = raise_open_files_limit()
     server = SignalingServer(settings)
     try:
-        trio.run(_main, server)
+        trio.run(_main, server, files)
     except BaseException as exc:  # noqa: BLE001 - unwrap start-up errors into one line
+        _log.shutdown()
         errors = _config_errors(exc)
         if not errors:
             raise
         print(f"signaling-trio: {errors[0]}", file=sys.stderr)
         return 2
+    _log.shutdown()
     return 0
 
 

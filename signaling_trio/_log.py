@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import datetime
 import logging
+import logging.handlers
+import queue
 import sys
 from typing import Any
 
@@ -47,9 +49,43 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(obj, default=str).decode()
 
 
+class DroppingQueueHandler(logging.handlers.QueueHandler):
+    """Hands records to the writer thread; never blocks the event loop. When the queue is
+    full (stderr not being read), records are dropped and counted, not waited for."""
+
+    dropped = 0
+
+    def enqueue(self, record: logging.LogRecord) -> None:
+        try:
+            self.queue.put_nowait(record)
+        except queue.Full:
+            DroppingQueueHandler.dropped += 1
+
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        return record  # formatting happens in the writer thread
+
+
+_listener: logging.handlers.QueueListener | None = None
+
+
 def setup(level: str = "info", fmt: str = "text", stream: Any = None) -> None:
-    handler = logging.StreamHandler(stream or sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
-    logger.handlers[:] = [handler]
+    """Log lines are written by a thread of their own: a slow or blocked stderr (a full
+    pipe, a stuck log shipper) must never stall the server."""
+    global _listener
+    shutdown()
+    writer = logging.StreamHandler(stream or sys.stderr)
+    writer.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    q: queue.Queue[logging.LogRecord] = queue.Queue(maxsize=10_000)
+    _listener = logging.handlers.QueueListener(q, writer, respect_handler_level=False)
+    _listener.start()
+    logger.handlers[:] = [DroppingQueueHandler(q)]
     logger.setLevel(level.upper())
     logger.propagate = False
+
+
+def shutdown() -> None:
+    """Flush what is queued and stop the writer thread."""
+    global _listener
+    if _listener is not None:
+        _listener.stop()
+        _listener = None

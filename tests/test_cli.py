@@ -187,3 +187,25 @@ async def test_cli_json_logs(tmp_path):
     # never payloads, SDP, metadata values or tokens
     for secret in (signin["id_token"], room["token"], "s3cr3t", "v=0 private"):
         assert secret not in err
+
+
+async def test_unread_stderr_never_stalls_the_server(tmp_path):
+    """Logs are written by their own thread: a full stderr pipe drops lines, it does not
+    block the event loop (a benchmark harness that never read the pipe found this)."""
+    ws_port, http_port = free_port(), free_port()
+    proc = run_cli("--host", "127.0.0.1", "--ws-port", str(ws_port), "--http-port", str(http_port),
+                   "--store", "memory", "--log-level", "debug", "--rate-limit", "0")  # stderr: a pipe nobody reads
+    try:
+        await trio.to_thread.run_sync(wait_healthy, http_port, proc)
+        async with ws_peer(f"ws://127.0.0.1:{ws_port}/") as p:
+            with trio.fail_after(30):
+                for _ in range(30):  # 3000 error lines: far more than a pipe buffer holds
+                    for _ in range(100):
+                        await p.send("{not json")
+                    for _ in range(100):
+                        assert (await p.recv())["code"] == "INVALID_JSON"
+        for _ in range(20):
+            await trio.to_thread.run_sync(wait_healthy, http_port, proc, 5)
+    finally:
+        proc.kill()
+        proc.wait()
