@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from signaling_trio.protocol import errors as E
+from signaling_trio.protocol.filters import Filter
 from signaling_trio.protocol.room import Effects, RoomState
 
 
@@ -313,3 +314,19 @@ def test_invariants_hold_under_any_sequence(ops):
                 truth = {q.peer_id for q in s.peers.values() if q is not p and p.subscription.matches(q)}
                 assert p.sub_matches == truth
         assert set(s.deadlines) == {p.peer_id for p in s.peers.values() if p.reserved_by is not None}
+        # indexes and cached answers always agree with a plain scan, in join order
+        for role, members in s._by_role.items():
+            assert set(members) == {q.peer_id for q in s.peers.values() if q.role == role}
+        for f in QUERIES:
+            flt, found = s.query(f)
+            assert list(found) == [q.peer_id for q in s.peers.values() if Filter(f).matches(q)]
+
+
+QUERIES = [
+    {},
+    {"role": "worker"},
+    {"properties": {"n": 3}},
+    {"role": "client", "properties": {"n": {"$eq": 5}}},
+    {"properties": {"n": {"$gte": 10}}, "unreserved": True},
+    {"tags": ["4", "7"]},
+]

@@ -131,11 +131,22 @@ def _tag_list(filters: dict[str, Any], name: str) -> frozenset[Any] | None:
     return frozenset(value)
 
 
+def index_key(value: Any) -> Any:
+    """A dict key under which JSON-equal scalars meet and unequal ones do not (`true` is
+    not `1`; `1` is `1.0`). None for values that are not indexed (lists, objects)."""
+    kind = _kind(value)
+    if kind in ("list", "obj", "other"):
+        return None
+    return (kind, value)
+
+
 class Filter:
     """A compiled filter. `matches(peer, viewer=None)`; `viewer` is the asker, whose own
-    reservation does not count against `unreserved` (used by reserve_peer renewals)."""
+    reservation does not count against `unreserved` (used by reserve_peer renewals).
+    `eq_props` lists the (key, index_key) pairs of plain equality conditions, which a
+    room may answer from an index instead of a scan."""
 
-    __slots__ = ("role", "tags_any", "tags_all", "props", "unreserved", "source")
+    __slots__ = ("role", "tags_any", "tags_all", "props", "unreserved", "source", "eq_props")
 
     def __init__(self, filters: Any) -> None:
         if filters is None:
@@ -155,6 +166,13 @@ class Filter:
         if not isinstance(props, dict):
             raise E.ProtocolError(E.INVALID_MESSAGE, "filter 'properties' must be a JSON object")
         self.props = [_property_pred(k, v) for k, v in props.items()]
+        self.eq_props: list[tuple[str, Any]] = []
+        for k, v in props.items():
+            operand = v["$eq"] if isinstance(v, dict) and len(v) == 1 and "$eq" in v else v
+            if not isinstance(operand, dict):
+                ik = index_key(operand)
+                if ik is not None:
+                    self.eq_props.append((k, ik))
         unreserved = filters.get("unreserved", False)
         if not isinstance(unreserved, bool):
             raise E.ProtocolError(E.INVALID_MESSAGE, "filter 'unreserved' must be true or false")

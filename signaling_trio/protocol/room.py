@@ -12,12 +12,15 @@ them to real outboxes. Nothing here awaits, so a membership change is never inte
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, OrderedDict
+from operator import attrgetter
 from typing import Any, Hashable
+
+import orjson
 
 from . import errors as E
 from . import metadata as md
-from .filters import Filter
+from .filters import Filter, index_key
 from .messages import dumps
 
 Conn = Hashable
@@ -27,7 +30,7 @@ class Peer:
     __slots__ = (
         "peer_id", "conn", "sub", "role", "metadata", "tags", "properties",
         "connected_at", "reserved_by", "reserved_until", "reserve_deadline",
-        "holding", "subscription", "sub_matches", "_public_json",
+        "holding", "subscription", "sub_matches", "_public_json", "seq",
     )
 
     def __init__(self, peer_id: str, conn: Conn, sub: str, connected_at: float) -> None:
@@ -46,6 +49,7 @@ class Peer:
         self.subscription: Filter | None = None
         self.sub_matches: set[str] = set()
         self._public_json: str | None = None
+        self.seq = 0
 
     def set_profile(self, role: str, metadata: dict[str, Any]) -> None:
         self.role = role
@@ -102,15 +106,18 @@ def _event(kind: str, peer: Peer) -> str:
     return '{"type":"%s","peer":%s}' % (kind, peer.public_json)
 
 
-def _peer_list(type_: str, head: dict[str, Any], peers: list[Peer]) -> str:
+def _peer_list(type_: str, head: dict[str, Any], peers: Any) -> str:
     # {"type":..., <head fields>, "peers":[...], "count":N} built from ready-made parts
     parts = dumps({"type": type_, **head})[:-1]
-    body = ",".join(p.public_json for p in peers)
-    return f'{parts},"peers":[{body}],"count":{len(peers)}}}'
+    items = [p.public_json for p in peers]
+    return f'{parts},"peers":[{",".join(items)}],"count":{len(items)}}}'
 
 
 MIN_RESERVATION = 1
 MAX_RESERVATION = 3600
+MAX_INDEXED_KEYS = 16
+MAX_CACHED_QUERIES = 64
+_by_seq = attrgetter("seq")
 
 
 class RoomState:
@@ -133,6 +140,14 @@ class RoomState:
         self.subscribers: dict[str, Peer] = {}
         self.deadlines: dict[str, float] = {}  # reserved target -> trio deadline
         self.role_counts: Counter[str] = Counter()
+        # Discovery: peers by role, and by property value for the keys filters have
+        # asked about (built on first use, kept up to date after); and the answers to
+        # recent filters, valid while `version` (bumped on every visible change) holds.
+        self.version = 0
+        self._seq = 0
+        self._by_role: dict[str, dict[str, Peer]] = {}
+        self._by_prop: dict[str, dict[Any, dict[str, Peer]]] = {}
+        self._queries: OrderedDict[bytes, list[Any]] = OrderedDict()
 
     # ---------------------------------------------------------------- queries
     @property
@@ -196,13 +211,15 @@ class RoomState:
         joined = peer is None
         if peer is None:
             peer = Peer(peer_id, conn, sub, connected_at=round(now + self.wall_offset, 3))
+            self._seq += 1
+            peer.seq = self._seq
             self.peers[peer_id] = peer
             self.by_conn[conn] = peer
         else:
-            self.role_counts[peer.role] -= 1
+            self._unindex(peer)
         peer.sub = sub
         peer.set_profile(role, metadata)
-        self.role_counts[role] += 1
+        self._index(peer)
         fx.send(
             conn,
             {"type": "registered_auth", "room_id": self.room_id, "token": token, "peer_id": peer_id},
@@ -238,9 +255,94 @@ class RoomState:
 
     def _discover(self, peer: Peer, msg: dict[str, Any], raw: str, now: float, fx: Effects) -> None:
         self._identity(peer, msg, "from_peer_id")
-        flt = Filter(msg.get("filters"))
-        found = [p for p in self.peers.values() if p is not peer and flt.matches(p)]
-        fx.send(peer.conn, _peer_list("peer_list", {"to_peer_id": peer.peer_id}, found))
+        _, found = self.query(msg.get("filters"))
+        if peer.peer_id in found:
+            found = {k: v for k, v in found.items() if v is not peer}
+        fx.send(peer.conn, _peer_list("peer_list", {"to_peer_id": peer.peer_id}, found.values()))
+
+    # ------------------------------------------------------------- discovery
+    def query(self, filters: Any) -> tuple[Filter, dict[str, Peer]]:
+        """Every peer matching `filters`, in join order (the asker included: callers
+        drop it). Answers come from an index when the filter names a role or an equal
+        property, and from a cache while nothing in the room has changed."""
+        try:
+            key = orjson.dumps(filters, option=orjson.OPT_SORT_KEYS)
+        except TypeError:  # not JSON (only from direct callers): no caching
+            key = None
+        entry = self._queries.get(key) if key is not None else None
+        if entry is None:
+            flt = Filter(filters)
+            entry = [flt, -1, {}]
+            if key is not None:
+                self._queries[key] = entry
+                if len(self._queries) > MAX_CACHED_QUERIES:
+                    self._queries.popitem(last=False)
+        elif key is not None:
+            self._queries.move_to_end(key)
+        if entry[1] != self.version:
+            flt = entry[0]
+            candidates, indexed = self._candidates(flt)
+            found = [p for p in candidates if flt.matches(p)]
+            if indexed:
+                found.sort(key=_by_seq)
+            entry[1], entry[2] = self.version, {p.peer_id: p for p in found}
+        return entry[0], entry[2]
+
+    def _candidates(self, flt: Filter) -> tuple[Any, bool]:
+        best: dict[str, Peer] = self.peers
+        if flt.role is not None:
+            by_role = self._by_role.get(flt.role, {})
+            if len(by_role) < len(best):
+                best = by_role
+        for key, ikey in flt.eq_props:
+            index = self._by_prop.get(key)
+            if index is None:
+                if len(self._by_prop) >= MAX_INDEXED_KEYS:
+                    continue
+                index = self._build_prop_index(key)
+            bucket = index.get(ikey, {})
+            if len(bucket) < len(best):
+                best = bucket
+        return best.values(), best is not self.peers
+
+    def _build_prop_index(self, key: str) -> dict[Any, dict[str, Peer]]:
+        index: dict[Any, dict[str, Peer]] = {}
+        for p in self.peers.values():
+            if key in p.properties:
+                ikey = index_key(p.properties[key])
+                if ikey is not None:
+                    index.setdefault(ikey, {})[p.peer_id] = p
+        self._by_prop[key] = index
+        return index
+
+    def _index(self, peer: Peer) -> None:
+        self.role_counts[peer.role] += 1
+        self._by_role.setdefault(peer.role, {})[peer.peer_id] = peer
+        for key, index in self._by_prop.items():
+            if key in peer.properties:
+                ikey = index_key(peer.properties[key])
+                if ikey is not None:
+                    index.setdefault(ikey, {})[peer.peer_id] = peer
+        self.version += 1
+
+    def _unindex(self, peer: Peer) -> None:
+        self.role_counts[peer.role] -= 1
+        if not self.role_counts[peer.role]:
+            del self.role_counts[peer.role]
+        by_role = self._by_role.get(peer.role)
+        if by_role is not None:
+            by_role.pop(peer.peer_id, None)
+            if not by_role:
+                del self._by_role[peer.role]
+        for key, index in self._by_prop.items():
+            if key in peer.properties:
+                ikey = index_key(peer.properties[key])
+                bucket = index.get(ikey) if ikey is not None else None
+                if bucket is not None:
+                    bucket.pop(peer.peer_id, None)
+                    if not bucket:
+                        del index[ikey]
+        self.version += 1
 
     def _update_metadata(self, peer: Peer, msg: dict[str, Any], raw: str, now: float, fx: Effects) -> None:
         self._identity(peer, msg, "peer_id")
@@ -249,7 +351,9 @@ class RoomState:
         update = md.validate(msg["metadata"])
         merged = md.merge(peer.metadata, update)
         md.check_size(merged, self.max_metadata_bytes)
+        self._unindex(peer)
         peer.set_profile(peer.role, merged)
+        self._index(peer)
         fx.send(peer.conn, {"type": "metadata_updated", "peer_id": peer.peer_id, "metadata": merged})
         self._notify(peer, fx, "changed")
 
@@ -291,8 +395,8 @@ class RoomState:
 
     # ------------------------------------------------------------- presence
     def _subscribe(self, peer: Peer, msg: dict[str, Any], raw: str, now: float, fx: Effects) -> None:
-        flt = Filter(msg.get("filters"))
-        found = [p for p in self.peers.values() if p is not peer and flt.matches(p)]
+        flt, matches = self.query(msg.get("filters"))
+        found = [p for p in matches.values() if p is not peer]
         peer.subscription = flt
         peer.sub_matches = {p.peer_id for p in found}
         self.subscribers[peer.peer_id] = peer
@@ -363,6 +467,7 @@ class RoomState:
         target.reserved_until = until
         target.reserve_deadline = deadline
         target.touch()
+        self.version += 1
         peer.holding.add(to)
         self.deadlines[to] = deadline
         fx.send(peer.conn, {"type": "reservation_granted", "peer_id": to, "reserved_until": until})
@@ -393,6 +498,7 @@ class RoomState:
         target.reserved_until = None
         target.reserve_deadline = None
         target.touch()
+        self.version += 1
         self.deadlines.pop(target.peer_id, None)
         fx.send(target.conn, {"type": "peer_released", "by": holder_id, "reason": reason})
         self._notify(target, fx, "changed")
@@ -430,9 +536,7 @@ class RoomState:
     def _remove(self, peer: Peer, fx: Effects) -> None:
         del self.peers[peer.peer_id]
         del self.by_conn[peer.conn]
-        self.role_counts[peer.role] -= 1
-        if not self.role_counts[peer.role]:
-            del self.role_counts[peer.role]
+        self._unindex(peer)
         self._drop_subscription(peer)
         for target_id in list(peer.holding):
             target = self.peers.get(target_id)
