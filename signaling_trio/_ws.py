@@ -38,6 +38,12 @@ MAX_TOKEN_LEN = 16384
 
 
 class Connection:
+    __slots__ = (
+        "id", "server", "settings", "metrics", "ws", "_outbox", "_outbox_recv", "_scope",
+        "close_code", "close_reason", "peer_id", "room_id", "actor", "sub", "id_token",
+        "_bucket", "_rate_error_at", "_last_rx", "_overflowing",
+    )
+
     def __init__(self, server: "SignalingServer", ws: WebSocketConnection) -> None:
         self.id = next(_ids)
         self.server = server
@@ -91,8 +97,6 @@ class Connection:
             with self._scope:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._writer)
-                    nursery.start_soon(self._register_deadline)
-                    nursery.start_soon(self._heartbeat)
                     await self._reader()
                     nursery.cancel_scope.cancel()
         finally:
@@ -108,14 +112,33 @@ class Connection:
             )
 
     async def _reader(self) -> None:
+        """Reads frames; also keeps the connection's two timers (register deadline, idle
+        ping) itself, so a connection costs two tasks of ours, not four."""
         settings = self.settings
         max_frame = settings.max_frame_bytes
+        ping_interval = settings.idle_ping_interval
+        register_deadline = trio.current_time() + settings.register_timeout
+        ws = self.ws
         while True:
+            wake = self._last_rx + ping_interval
+            if self.id_token is None:
+                wake = min(wake, register_deadline)
+            data: str | bytes | None = None
             try:
-                data = await self.ws.get_message()
+                with trio.move_on_at(wake):
+                    data = await ws.get_message()
             except ConnectionClosed:
                 return
             now = trio.current_time()
+            if data is None:
+                if self.id_token is None and now >= register_deadline:
+                    event(logging.INFO, "register timeout", conn=self.id)
+                    self.metrics.register_timeouts += 1
+                    self.request_close(E.CLOSE_POLICY, "register timeout")
+                    return
+                if now - self._last_rx >= ping_interval and not await self._ping():
+                    return
+                continue
             self._last_rx = now
             if not self._take_token(now):
                 continue
@@ -134,6 +157,21 @@ class Connection:
                 continue
             await self._dispatch(msg, data)
 
+    async def _ping(self) -> bool:
+        """A WebSocket ping after silence; False (and a close) when no pong comes."""
+        try:
+            with trio.fail_after(self.settings.idle_ping_timeout):
+                await self.ws.ping()
+        except trio.TooSlowError:
+            event(logging.INFO, "ping timeout", conn=self.id, peer_id=self.peer_id)
+            self.metrics.ping_timeouts += 1
+            self.request_close(E.CLOSE_POLICY, "ping timeout")
+            return False
+        except ConnectionClosed:
+            return False
+        self._last_rx = trio.current_time()
+        return True
+
     async def _dispatch(self, msg: dict[str, Any], raw: str) -> None:
         mtype = msg["type"]
         if mtype == "ping":
@@ -150,8 +188,12 @@ class Connection:
         elif self.actor is None:
             self._error(E.ProtocolError(E.NOT_IN_ROOM, "Peer not registered in any room"))
         elif mtype in ROOM_TYPES:
+            inbox = self.actor.inbox
             try:
-                await self.actor.inbox.send(Message(self, msg, raw))
+                try:
+                    inbox.send_nowait(Message(self, msg, raw))
+                except trio.WouldBlock:  # the room is busy: this connection waits, no other
+                    await inbox.send(Message(self, msg, raw))
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 self._lost_room()
                 self._error(E.ProtocolError(E.NOT_IN_ROOM, "Peer not registered in any room"))
@@ -259,43 +301,22 @@ class Connection:
     # ---------------------------------------------------------- side tasks
     async def _writer(self) -> None:
         timeout = self.settings.stalled_reader_timeout
-        async with self._outbox_recv:
-            async for text in self._outbox_recv:
-                try:
-                    with trio.move_on_after(timeout) as cs:
-                        await self.ws.send_message(text)
-                except ConnectionClosed:
-                    return
-                if cs.cancelled_caught:
-                    event(logging.WARNING, "stalled reader", conn=self.id, peer_id=self.peer_id)
-                    self.metrics.stalled_readers += 1
-                    self.request_close(E.CLOSE_POLICY, "stalled reader")
-                    return
-
-    async def _register_deadline(self) -> None:
-        await trio.sleep(self.settings.register_timeout)
-        if self.peer_id is None and self.id_token is None:
-            event(logging.INFO, "register timeout", conn=self.id)
-            self.metrics.register_timeouts += 1
-            self.request_close(E.CLOSE_POLICY, "register timeout")
-
-    async def _heartbeat(self) -> None:
-        interval = self.settings.idle_ping_interval
-        while True:
-            await trio.sleep(max(0.0, self._last_rx + interval - trio.current_time()))
-            if trio.current_time() - self._last_rx < interval:
-                continue
-            try:
-                with trio.fail_after(self.settings.idle_ping_timeout):
-                    await self.ws.ping()
-            except trio.TooSlowError:
-                event(logging.INFO, "ping timeout", conn=self.id, peer_id=self.peer_id)
-                self.metrics.ping_timeouts += 1
-                self.request_close(E.CLOSE_POLICY, "ping timeout")
-                return
-            except ConnectionClosed:
-                return
-            self._last_rx = trio.current_time()
+        ws = self.ws
+        # One cancel scope for the whole loop, re-armed per frame: a send that makes no
+        # progress for `timeout` seconds means the peer stopped reading.
+        with trio.CancelScope() as stall:
+            async with self._outbox_recv:
+                async for text in self._outbox_recv:
+                    stall.deadline = trio.current_time() + timeout
+                    try:
+                        await ws.send_message(text)
+                    except ConnectionClosed:
+                        return
+                    stall.deadline = math.inf
+        if stall.cancelled_caught:
+            event(logging.WARNING, "stalled reader", conn=self.id, peer_id=self.peer_id)
+            self.metrics.stalled_readers += 1
+            self.request_close(E.CLOSE_POLICY, "stalled reader")
 
 
 async def handle_request(server: "SignalingServer", request: WebSocketRequest) -> None:

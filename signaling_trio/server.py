@@ -147,6 +147,9 @@ class SignalingServer:
                         partial(handle_request, self),
                         [ws_listener],
                         handler_nursery=root,
+                        # a few frames of read-ahead per connection: fewer task switches
+                        # between trio-websocket's reader and ours under load
+                        message_queue_size=8,
                         max_message_size=max(HARD_MAX_FRAME, s.max_frame_bytes),
                         connect_timeout=10,
                         disconnect_timeout=2,
