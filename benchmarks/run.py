@@ -30,6 +30,7 @@ ROOT = os.path.dirname(HERE)
 CLK = os.sysconf("SC_CLK_TCK")
 CORES = os.cpu_count() or 1
 SERVER_CPU, LOADGEN_CPU = ("0", "1") if CORES >= 2 else ("0", "0")
+RESULTS_LOGS = os.path.join(HERE, "results", "logs")
 
 
 def free_port() -> int:
@@ -56,7 +57,7 @@ def wait_port(port: int, proc: subprocess.Popen, timeout: float = 20) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {proc.stderr.read() if proc.stderr else ''}")
+            raise RuntimeError(f"server exited with {proc.returncode}")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.2):
                 return
@@ -90,7 +91,10 @@ def server(kind: str) -> Iterator[dict[str, Any]]:
         info["ws_url"] = f"ws://127.0.0.1:{ws_port}/"
     else:
         raise ValueError(kind)
-    proc = subprocess.Popen(pinned(SERVER_CPU, argv), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    # The server's log goes to a file: a pipe nobody reads would fill and stall it.
+    log_path = os.path.join(RESULTS_LOGS, f"{kind}-{ws_port}.log")
+    log_file = open(log_path, "w")
+    proc = subprocess.Popen(pinned(SERVER_CPU, argv), stdout=log_file, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
     try:
         wait_port(ws_port, proc)
         info["pid"] = proc.pid
@@ -106,6 +110,7 @@ def server(kind: str) -> Iterator[dict[str, Any]]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        log_file.close()
 
 
 def _post(url: str, token: str | None = None) -> dict[str, Any]:
@@ -117,8 +122,9 @@ def _post(url: str, token: str | None = None) -> dict[str, Any]:
 class Loadgen:
     def __init__(self, srv: dict[str, Any], cfg: dict[str, Any]) -> None:
         full = {**{k: srv[k] for k in ("ws_url", "room_id", "token", "id_token") if k in srv}, "target": srv["kind"], **cfg}
+        self.err = open(os.path.join(RESULTS_LOGS, "loadgen.err"), "a")
         self.proc = subprocess.Popen(pinned(LOADGEN_CPU, ["node", os.path.join(HERE, "loadgen.mjs"), json.dumps(full)]),
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE)
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.err, text=True, cwd=HERE)
 
     def wait_phase(self, phase: str) -> dict[str, Any]:
         assert self.proc.stdout is not None
@@ -126,7 +132,7 @@ class Loadgen:
             msg = json.loads(line)
             if msg["phase"] == phase:
                 return msg
-        raise RuntimeError(f"load generator ended before {phase}: {self.proc.stderr.read() if self.proc.stderr else ''}")
+        raise RuntimeError(f"load generator ended before {phase} (see {self.err.name})")
 
     def finish(self) -> dict[str, Any]:
         if self.proc.stdin and not self.proc.stdin.closed:
@@ -246,7 +252,8 @@ def main() -> int:
     only = set(args.only.split(","))
     q = args.quick
     runs = args.runs or (1 if q else 3)
-    dur = 0.5 if q else 5.0
+    dur = 0.5 if q else float(os.environ.get("BENCH_SECONDS", "3"))
+    os.makedirs(RESULTS_LOGS, exist_ok=True)
     if not os.path.isdir(os.path.join(HERE, "node_modules", "ws")):
         subprocess.run(["npm", "install", "--no-audit", "--no-fund", "--silent"], cwd=HERE, check=True)
 
