@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest
 
-from . import _wsfix  # noqa: F401  (sends 1007/1002 close frames)
+from ._wsfix import send_many  # also: 1007/1002 close frames
 from ._log import event
 from ._rooms import Leave, Message, Register, RoomActor
 from .auth import AuthError
@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 _ids = itertools.count(1)
 
 PONG = '{"type":"pong"}'
+WRITE_BATCH = 64
 MAX_ID_LEN = 256
 MAX_TOKEN_LEN = 16384
 
@@ -304,12 +305,19 @@ class Connection:
         ws = self.ws
         # One cancel scope for the whole loop, re-armed per frame: a send that makes no
         # progress for `timeout` seconds means the peer stopped reading.
+        outbox = self._outbox_recv
         with trio.CancelScope() as stall:
-            async with self._outbox_recv:
-                async for text in self._outbox_recv:
+            async with outbox:
+                async for text in outbox:
+                    batch = [text]  # what else is already waiting goes out with it
+                    while len(batch) < WRITE_BATCH:
+                        try:
+                            batch.append(outbox.receive_nowait())
+                        except trio.WouldBlock:
+                            break
                     stall.deadline = trio.current_time() + timeout
                     try:
-                        await ws.send_message(text)
+                        await send_many(ws, batch)
                     except ConnectionClosed:
                         return
                     stall.deadline = math.inf

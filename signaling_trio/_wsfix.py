@@ -1,4 +1,10 @@
-"""One fix to trio-websocket, applied on import (idempotent).
+"""Two additions to trio-websocket: a fix applied on import (idempotent), and a batched
+send.
+
+`send_many(ws, texts)`: frames that wait in a peer's outbox together go out in one
+`send_all` (one syscall) instead of one each. It uses the connection's wsproto state,
+stream and stream lock exactly as trio-websocket's own `_send` does; where those
+internals are missing (another trio-websocket version) it falls back to `send_message`.
 
 When wsproto fails a connection itself (invalid UTF-8 in a text frame: 1007; a
 malformed frame: 1002), trio-websocket 0.12 drops the TCP connection without sending the
@@ -9,9 +15,10 @@ the code: send the close frame first, then let trio-websocket finish as before.
 
 from __future__ import annotations
 
+import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
 from wsproto.connection import ConnectionState
-from wsproto.events import CloseConnection
+from wsproto.events import CloseConnection, TextMessage
 
 _original = WebSocketConnection._handle_close_connection_event
 
@@ -28,3 +35,22 @@ async def _handle_close_connection_event(self: WebSocketConnection, event: Close
 if not getattr(WebSocketConnection, "_signaling_trio_fix", False):
     WebSocketConnection._handle_close_connection_event = _handle_close_connection_event  # type: ignore[method-assign]
     WebSocketConnection._signaling_trio_fix = True  # type: ignore[attr-defined]
+
+
+_CAN_BATCH = all(hasattr(WebSocketConnection, a) for a in ("_send", "_abort_web_socket"))
+
+
+async def send_many(ws: WebSocketConnection, texts: list[str]) -> None:
+    if len(texts) == 1 or not _CAN_BATCH or not hasattr(ws, "_wsproto"):
+        for text in texts:
+            await ws.send_message(text)
+        return
+    if ws._close_reason:
+        raise ConnectionClosed(ws._close_reason)
+    data = b"".join([ws._wsproto.send(TextMessage(data=text)) for text in texts])
+    async with ws._stream_lock:
+        try:
+            await ws._stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            await ws._abort_web_socket()
+            raise ConnectionClosed(ws._close_reason) from None
