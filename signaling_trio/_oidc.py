@@ -18,13 +18,12 @@ from typing import Any
 
 import httpx
 import trio
-from joserfc import jwt
 from joserfc.errors import JoseError
 from joserfc.jwk import KeySet
 from joserfc.jws import extract_compact
 
 from ._log import event
-from .auth import LEEWAY, AuthError, TokenCache, check_claims
+from .auth import AuthError, TokenCache, decode_and_check
 
 # Asymmetric only: "none" and HS* (an HMAC keyed with the public key) are never accepted.
 ALLOWED_ALGORITHMS = ["RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512"]
@@ -129,14 +128,7 @@ class OidcVerifier:
             raise AuthError("id_token rejected: the issuer's keys are not available yet")
         if kid is not None and kid not in self.kids:
             raise AuthError("id_token rejected: unknown key id")
-        try:
-            decoded = jwt.decode(token, self.keyset, algorithms=ALLOWED_ALGORITHMS)
-        except (JoseError, ValueError) as exc:
-            raise AuthError(f"id_token rejected: {type(exc).__name__}") from None
-        claims = decoded.claims
-        check_claims(claims, issuer=self.issuer, audience=self.audience, now=now)
-        nbf = claims.get("nbf")
-        if isinstance(nbf, (int, float)) and nbf > now + LEEWAY:
-            raise AuthError("id_token rejected: not valid yet")
+        claims = decode_and_check(token, self.keyset, algorithms=ALLOWED_ALGORITHMS,
+                                  issuer=self.issuer, audience=self.audience, now=now)
         self.cache.put(token, claims, now)
         return claims

@@ -78,6 +78,21 @@ def check_claims(claims: dict[str, Any], *, issuer: str, audience: str | None, n
         raise AuthError("id_token rejected: sub and exp must be a string and a number")
 
 
+def decode_and_check(token: str, keyset: KeySet, *, algorithms: list[str], issuer: str,
+                     audience: str | None, now: float) -> dict[str, Any]:
+    """Signature (an allow-listed algorithm), then the claims; AuthError on any failure."""
+    try:
+        decoded = jwt.decode(token, keyset, algorithms=algorithms)
+    except (JoseError, ValueError) as exc:
+        raise AuthError(f"id_token rejected: {type(exc).__name__}") from None
+    claims = decoded.claims
+    check_claims(claims, issuer=issuer, audience=audience, now=now)
+    nbf = claims.get("nbf")
+    if isinstance(nbf, (int, float)) and nbf > now + LEEWAY:
+        raise AuthError("id_token rejected: not valid yet")
+    return claims
+
+
 class LocalAuthority:
     """auth=local: the server signs anonymous identities and verifies its own tokens."""
 
@@ -150,12 +165,8 @@ class LocalAuthority:
             return cached
         if not isinstance(token, str) or not token:
             raise AuthError("id_token missing")
-        try:
-            decoded = jwt.decode(token, self.keyset, algorithms=ALLOWED_ALGORITHMS)
-        except (JoseError, ValueError) as exc:
-            raise AuthError(f"id_token rejected: {type(exc).__name__}") from None
-        claims = decoded.claims
-        check_claims(claims, issuer=self.issuer, audience=self.audience, now=now)
+        claims = decode_and_check(token, self.keyset, algorithms=ALLOWED_ALGORITHMS,
+                                  issuer=self.issuer, audience=self.audience, now=now)
         self.cache.put(token, claims, now)
         return claims
 

@@ -112,6 +112,20 @@ def wait_healthy(http_port: int, proc: subprocess.Popen, timeout: float = 20) ->
     raise AssertionError("server did not become healthy")
 
 
+def _post(http_port: int, path: str, token: str | None = None) -> dict:
+    req = urllib.request.Request(f"http://127.0.0.1:{http_port}{path}", data=b"", method="POST",
+                                 headers={"Authorization": f"Bearer {token}"} if token else {})
+    with urllib.request.urlopen(req, timeout=5) as r:
+        return json.loads(r.read())
+
+
+async def cli_room(http_port: int) -> tuple[dict, dict]:
+    """Sign in and create a room on a server started with run_cli: (signin, room+id_token)."""
+    signin = await trio.to_thread.run_sync(_post, http_port, "/anonymous-signin")
+    room = await trio.to_thread.run_sync(_post, http_port, "/create-room", signin["id_token"])
+    return signin, {**signin, **room}
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 async def test_cli_graceful_shutdown(tmp_path, signum):
     ws_port, http_port = free_port(), free_port()
@@ -120,14 +134,7 @@ async def test_cli_graceful_shutdown(tmp_path, signum):
     try:
         await trio.to_thread.run_sync(wait_healthy, http_port, proc)
 
-        def post(path: str, token: str | None = None) -> dict:
-            req = urllib.request.Request(f"http://127.0.0.1:{http_port}{path}", data=b"", method="POST",
-                                         headers={"Authorization": f"Bearer {token}"} if token else {})
-            with urllib.request.urlopen(req, timeout=5) as r:
-                return json.loads(r.read())
-
-        signin = await trio.to_thread.run_sync(post, "/anonymous-signin")
-        room = {**signin, **await trio.to_thread.run_sync(post, "/create-room", signin["id_token"])}
+        signin, room = await cli_room(http_port)
         async with ws_peer(f"ws://127.0.0.1:{ws_port}/any/path") as p:
             assert (await register(p, room, "p"))["type"] == "registered_auth"
             t0 = time.monotonic()
@@ -157,14 +164,7 @@ async def test_cli_json_logs(tmp_path):
     try:
         await trio.to_thread.run_sync(wait_healthy, http_port, proc)
 
-        def post(path: str, token: str | None = None) -> dict:
-            req = urllib.request.Request(f"http://127.0.0.1:{http_port}{path}", data=b"", method="POST",
-                                         headers={"Authorization": f"Bearer {token}"} if token else {})
-            with urllib.request.urlopen(req, timeout=5) as r:
-                return json.loads(r.read())
-
-        signin = await trio.to_thread.run_sync(post, "/anonymous-signin")
-        room = {**signin, **await trio.to_thread.run_sync(post, "/create-room", signin["id_token"])}
+        signin, room = await cli_room(http_port)
         async with ws_peer(f"ws://127.0.0.1:{ws_port}/") as p:
             await register(p, room, "json-peer", role="worker", metadata={"properties": {"secret_value": "s3cr3t"}})
             await p.request({"type": "peer_message", "to_peer_id": "nobody", "payload": {"sdp": "v=0 private"}})
