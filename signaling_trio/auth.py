@@ -109,6 +109,16 @@ class LocalAuthority:
     def ephemeral(cls, *, lifetime: int = 86400) -> "LocalAuthority":
         return cls(_new_key(), lifetime=lifetime)
 
+    @staticmethod
+    def new_key_pem() -> bytes:
+        return _new_key().as_pem(private=True)
+
+    @classmethod
+    def from_pem(cls, pem: bytes, *, lifetime: int = 86400) -> "LocalAuthority":
+        key = RSAKey.import_key(pem, parameters={"use": "sig", "alg": "RS256"})
+        key = RSAKey.import_key(pem, parameters={"use": "sig", "alg": "RS256", "kid": key.thumbprint()})
+        return cls(key, lifetime=lifetime)
+
     @classmethod
     def load_or_create(cls, data_dir: str, *, lifetime: int = 86400) -> "LocalAuthority":
         path = os.path.join(data_dir, KEY_FILE)

@@ -34,6 +34,7 @@ from .auth import LocalAuthority, Verifier
 from .config import ConfigError, Settings
 from .protocol import errors as E
 from .store import Store, StoreUnavailable, open_store
+from .store.redis import RedisStore
 
 PURGE_INTERVAL = 300.0
 EXPIRED_GRACE = 86400.0  # an expired room answers ROOM_EXPIRED for a day, then is purged
@@ -103,11 +104,18 @@ class SignalingServer:
         """Begin a graceful shutdown; `run` returns when it is done."""
         self._shutdown.set()
 
-    def _setup_auth(self) -> None:
+    async def _setup_auth(self) -> None:
         s = self.settings
         if s.auth == "local":
             if s.store == "memory":
                 self.local_authority = LocalAuthority.ephemeral(lifetime=s.token_lifetime)
+            elif isinstance(self._store, RedisStore):
+                # one key for every instance on this Redis: tokens are valid on all
+                try:
+                    pem = await self._store.signing_key(LocalAuthority.new_key_pem())
+                except StoreUnavailable as exc:
+                    raise ConfigError(str(exc)) from None
+                self.local_authority = LocalAuthority.from_pem(pem, lifetime=s.token_lifetime)
             else:
                 self.local_authority = LocalAuthority.load_or_create(s.data_dir, lifetime=s.token_lifetime)
             self.verifier = self.local_authority
@@ -120,7 +128,21 @@ class SignalingServer:
         s = self.settings
         if self._store is None:
             self._store = open_store(s)
-        self._setup_auth()
+        if isinstance(self._store, RedisStore):
+            await self._store.__aenter__()  # its connection pool lives as long as we run
+        try:
+            await self._setup_auth()
+            await self._run(task_status)
+        finally:
+            if isinstance(self._store, RedisStore):
+                await self._store.aclose()  # pairs with __aenter__ above, same scope level
+            else:
+                with trio.CancelScope(shield=True):
+                    with trio.move_on_after(2):
+                        await self.store.aclose()
+
+    async def _run(self, task_status: trio.TaskStatus[ServerInfo]) -> None:
+        s = self.settings
         ws_sock = _bind(s.host, s.ws_port, "--ws-port")
         try:
             http_sock = _bind(s.host, s.http_port, "--http-port")
@@ -184,9 +206,6 @@ class SignalingServer:
                     listeners.cancel_scope.deadline = trio.current_time() + 1.5
                 root.cancel_scope.cancel()
         finally:
-            with trio.CancelScope(shield=True):
-                with trio.move_on_after(2):
-                    await self.store.aclose()
             for sock in (ws_sock, http_sock):
                 try:
                     sock.close()

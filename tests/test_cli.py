@@ -78,7 +78,7 @@ def run_cli(*args: str, env: dict[str, str] | None = None, **kw) -> subprocess.P
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
 
-@pytest.mark.parametrize("argv", [["--store", "ftp://x"], ["--auth", "oidc"], ["--store", "redis://127.0.0.1:6379/0"]])
+@pytest.mark.parametrize("argv", [["--store", "ftp://x"], ["--auth", "oidc"], ["--store", "redis://127.0.0.1:1/0"]])
 def test_cli_bad_config_exits_nonzero_with_one_line(argv, tmp_path):
     proc = run_cli(*argv, "--data-dir", str(tmp_path))
     out, err = proc.communicate(timeout=30)

@@ -57,7 +57,9 @@ def open_store(settings: Settings) -> Store:
             path = os.path.join(settings.data_dir, "signaling.sqlite3")
         return SqliteStore(path)
     if settings.store.startswith("redis://"):
-        raise ConfigError(f"--store {settings.store}: the redis store is not supported yet")
+        from .redis import RedisStore
+
+        return RedisStore(settings.store)
     raise ConfigError(f"--store {settings.store!r}: unknown store scheme")
 
 

@@ -1,0 +1,123 @@
+"""The Redis store: rooms (and the local signing key) in a shared Redis, so that several
+instances accept each other's tokens and rooms.
+
+Keys are hash-tagged per room (`signaling:room:{<room_id>}`) so a Redis Cluster keeps each
+room's keys on one slot. A room key expires on its own a day after the room does (the
+`ROOM_EXPIRED` grace), so there is nothing to purge. Every call has a timeout; any
+failure is `StoreUnavailable` (clients: STORE_UNAVAILABLE, /health: 503), and the client
+reconnects by itself when Redis is back.
+
+Live peers are not here: each instance holds its own rooms' live state. Routing between
+instances (one logical server on many) is not built yet; see docs/OPERATIONS.md.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Awaitable, Callable, TypeVar
+from urllib.parse import urlsplit
+
+import coredis
+import coredis.exceptions
+import trio
+
+from ..config import ConfigError
+from . import RoomRecord, StoreUnavailable
+
+T = TypeVar("T")
+PREFIX = "signaling"
+GRACE = 86400  # seconds an expired room is kept (answers ROOM_EXPIRED)
+KEY_NAME = f"{PREFIX}:signing-key"
+
+
+def _room_key(room_id: str) -> str:
+    return f"{PREFIX}:room:{{{room_id}}}"
+
+
+class RedisStore:
+    def __init__(self, url: str, *, timeout: float = 2.0) -> None:
+        parts = urlsplit(url)
+        if parts.scheme != "redis" or not parts.hostname:
+            raise ConfigError(f"--store {url}: use redis://HOST:PORT/DB")
+        try:
+            db = int(parts.path.lstrip("/") or 0)
+            port = parts.port or 6379
+        except ValueError:
+            raise ConfigError(f"--store {url}: use redis://HOST:PORT/DB") from None
+        self.url = url
+        self.timeout = timeout
+        self._client = coredis.Redis(
+            host=parts.hostname, port=port, db=db, password=parts.password,
+            decode_responses=True, connect_timeout=timeout, stream_timeout=timeout,
+        )
+        self._entered = False
+
+    async def __aenter__(self) -> "RedisStore":
+        await self._client.__aenter__()
+        self._entered = True
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        # No cancel scope of ours around this: the client's own scopes, opened in
+        # __aenter__, close here, and must not end inside a newer one.
+        if self._entered:
+            self._entered = False
+            await self._client.__aexit__(*exc)
+
+    async def _call(self, fn: Callable[[], Awaitable[T]]) -> T:
+        try:
+            with trio.fail_after(self.timeout + 1):
+                return await fn()
+        except (coredis.exceptions.RedisError, trio.TooSlowError, OSError) as exc:
+            raise StoreUnavailable(f"redis store {self.url} cannot be reached ({type(exc).__name__})") from None
+
+    async def create_room(self, room: RoomRecord) -> None:
+        key = _room_key(room.room_id)
+        fields = {"token_hash": room.token_hash, "creator": room.creator,
+                  "created_at": repr(room.created_at), "expires_at": repr(room.expires_at)}
+
+        async def go() -> None:
+            await self._client.hset(key, fields)
+            await self._client.expireat(key, int(room.expires_at + GRACE))
+
+        await self._call(go)
+
+    async def get_room(self, room_id: str) -> RoomRecord | None:
+        data = await self._call(lambda: self._client.hgetall(_room_key(room_id)))
+        if not data:
+            return None
+        return RoomRecord(room_id, data["token_hash"], data["creator"], float(data["created_at"]), float(data["expires_at"]))
+
+    async def set_expiry(self, room_id: str, expires_at: float) -> bool:
+        key = _room_key(room_id)
+
+        async def go() -> bool:
+            if not await self._client.exists([key]):
+                return False
+            await self._client.hset(key, {"expires_at": repr(expires_at)})
+            await self._client.expireat(key, int(expires_at + GRACE))
+            return True
+
+        return await self._call(go)
+
+    async def delete_room(self, room_id: str) -> bool:
+        return bool(await self._call(lambda: self._client.delete([_room_key(room_id)])))
+
+    async def purge_expired(self, before: float) -> int:
+        return 0  # Redis expires room keys itself, GRACE after the room
+
+    async def check(self) -> None:
+        await self._call(lambda: self._client.set(f"{PREFIX}:health", repr(time.time()), ex=60))
+
+    async def signing_key(self, new_pem: bytes) -> bytes:
+        """The key every instance signs with: the first instance's wins (SET NX)."""
+
+        async def go() -> bytes:
+            await self._client.set(KEY_NAME, new_pem.decode(), condition=coredis.PureToken.NX)
+            stored = await self._client.get(KEY_NAME)
+            return str(stored).encode()
+
+        return await self._call(go)
+
+    async def aclose(self) -> None:
+        await self.__aexit__(None, None, None)

@@ -1,0 +1,122 @@
+"""The Redis store against a real redis-server on a free port: rooms and tokens shared by
+two instances, and Redis going away and coming back. (CI installs redis-server; a
+missing one fails there, and is a skip with the reason elsewhere.)"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+
+import pytest
+import trio
+
+from conftest import register, ws_peer
+from signaling_trio.testing import open_test_server
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RedisServer:
+    def __init__(self) -> None:
+        exe = shutil.which("redis-server")
+        if exe is None:
+            if os.environ.get("CI"):
+                pytest.fail("redis-server is not installed: .ci/run installs the Debian package redis-server")
+            pytest.skip("redis-server is not installed (apt-get install redis-server)")
+        self.exe = exe
+        self.port = _free_port()
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen([self.exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                                      "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    return
+            except OSError:
+                time.sleep(0.02)
+        raise RuntimeError("redis-server did not start")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+            self.proc = None
+
+
+@pytest.fixture
+def redis():
+    server = RedisServer()
+    server.start()
+    yield server
+    server.stop()
+
+
+async def test_two_instances_share_rooms_and_tokens(redis):
+    async with open_test_server(store=redis.url) as a, open_test_server(store=redis.url) as b:
+        room = await a.new_room()  # id_token signed by a, room stored by a
+        async with ws_peer(b.ws_url) as p:
+            assert (await register(p, room, "on-b"))["type"] == "registered_auth"
+        status, body = await b.http("POST", "/extend-room", {"room_id": room["room_id"], "ttl_sec": 60}, token=room["id_token"])
+        assert status == 200
+        rec = await a.server.store.get_room(room["room_id"])
+        assert abs(rec.expires_at - body["expires_at"]) < 1
+        status, _ = await a.http("POST", "/delete-peers-and-room", {"peer_id": "x", "room_id": room["room_id"]}, token=room["id_token"])
+        assert status == 200
+        async with ws_peer(b.ws_url) as p:
+            assert (await register(p, room, "late"))["code"] == "ROOM_NOT_FOUND"
+
+
+async def test_expired_room_in_redis(redis):
+    async with open_test_server(store=redis.url) as srv:
+        room = await srv.new_room()
+        await srv.server.store.set_expiry(room["room_id"], time.time() - 5)
+        async with ws_peer(srv.ws_url) as p:
+            assert (await register(p, room, "p"))["code"] == "ROOM_EXPIRED"
+
+
+async def test_redis_down_then_back(redis):
+    async with open_test_server(store=redis.url) as srv:
+        room = await srv.new_room()
+        async with ws_peer(srv.ws_url) as a, ws_peer(srv.ws_url) as b:
+            await register(a, room, "a")
+            await register(b, room, "b")
+            redis.stop()
+            status, health = await srv.http("GET", "/health")
+            assert status == 503 and health["checks"]["store"] != "ok"
+            async with ws_peer(srv.ws_url) as c:
+                err = await register(c, room, "c")
+                assert err["code"] == "STORE_UNAVAILABLE" and err["reason"]
+            status, body = await srv.http("POST", "/create-room", token=room["id_token"])
+            assert status == 503 and body["error"] == "STORE_UNAVAILABLE"
+            # connected peers keep talking
+            await a.send({"type": "peer_message", "to_peer_id": "b", "payload": "still here"})
+            assert (await b.recv())["payload"] == "still here"
+            redis.start()  # an empty Redis: same port, nothing persisted
+            with trio.fail_after(10):
+                while (await srv.http("GET", "/health"))[0] != 200:
+                    await trio.sleep(0.1)
+            room2 = {**(await srv.http("POST", "/create-room", token=room["id_token"]))[1], "id_token": room["id_token"]}
+            async with ws_peer(srv.ws_url) as c:
+                assert (await register(c, room2, "c"))["type"] == "registered_auth"
+
+
+async def test_unreachable_redis_at_start_fails_clearly():
+    from signaling_trio import ConfigError
+
+    with pytest.raises(ConfigError, match="cannot be reached"):
+        async with open_test_server(store=f"redis://127.0.0.1:{_free_port()}/0"):
+            pass
