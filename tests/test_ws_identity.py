@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
-import trio
 
 from conftest import register, ws_peer
+from signaling_trio.auth import AuthError
 
 
 @pytest.mark.parametrize(
@@ -99,7 +99,7 @@ async def test_expired_id_token_reregister_on_same_socket(server, room):
         # the token expires during a long job
         auth.cache._claims.clear()
         expired = auth.issue("worker-sub", lifetime=-3600)
-        with pytest.raises(Exception):
+        with pytest.raises(AuthError, match="expired"):
             auth.check(expired)
         # a fresh connection with an expired token is refused
         async with ws_peer(server.ws_url) as x:
@@ -109,7 +109,7 @@ async def test_expired_id_token_reregister_on_same_socket(server, room):
         real_clock = auth.clock
         auth.clock = lambda: real_clock() + 7200
         try:
-            with pytest.raises(Exception):
+            with pytest.raises(AuthError, match="expired"):
                 auth.check(token)
             # ...yet re-registering on its own connection with it keeps working
             reply = await register(w, room, "w", id_token=token)

@@ -16,7 +16,7 @@ import sys
 import aioice.ice
 import websockets
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
-from aiortc.sdp import candidate_from_sdp, candidate_to_sdp
+from aiortc.sdp import candidate_from_sdp
 
 aioice.ice.get_host_addresses = lambda use_ipv4, use_ipv6: ["127.0.0.1"]
 
