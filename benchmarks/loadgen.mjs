@@ -80,6 +80,15 @@ async function connectMany(n, prefix, metaFn, concurrency = 200) {
   return out;
 }
 
+// After the warm-up, announce the window to run.py, count for cfg.duration, then stop.
+async function measureWindow(set) {
+  await new Promise((r) => setTimeout(r, (cfg.warmup ?? 0.5) * 1000));
+  process.stdout.write(JSON.stringify({ phase: "measure" }) + "\n");
+  set(true);
+  await new Promise((r) => setTimeout(r, cfg.duration * 1000));
+  set(false);
+}
+
 // ---------------------------------------------------------------- scenarios
 async function relay() {
   const P = cfg.pairs, W = cfg.inflight;
@@ -163,13 +172,7 @@ async function discover() {
       ask();
     });
     ask();
-  }).catch(() => {})) .concat([(async () => {
-    await new Promise((r) => setTimeout(r, (cfg.warmup ?? 0.5) * 1000));
-    process.stdout.write(JSON.stringify({ phase: "measure" }) + "\n");
-    measuring = true;
-    await new Promise((r) => setTimeout(r, cfg.duration * 1000));
-    measuring = false; stop = true;
-  })()]));
+  }).catch(() => {})) .concat([measureWindow((on) => { measuring = on; if (!on) stop = true; })]));
   lat.sort((x, y) => x - y);
   for (const ws of clients) ws.terminate();
   return { requests, per_s: requests / cfg.duration, matched, lat_p50_ms: percentile(lat, 50) };
@@ -199,13 +202,7 @@ async function presence() {
     const upd = () => ws.send(JSON.stringify({ type: "update_metadata", metadata: { properties: { status: (k++ % 2) ? "busy" : "available", t: now() } } }));
     ws.on("message", () => { if (stop) return resolve(); upd(); });
     upd();
-  })).concat([(async () => {
-    await new Promise((r) => setTimeout(r, (cfg.warmup ?? 0.5) * 1000));
-    process.stdout.write(JSON.stringify({ phase: "measure" }) + "\n");
-    measuring = true;
-    await new Promise((r) => setTimeout(r, cfg.duration * 1000));
-    measuring = false; stop = true;
-  })()]));
+  })).concat([measureWindow((on) => { measuring = on; if (!on) stop = true; })]));
   lag.sort((x, y) => x - y);
   for (const ws of [...subs, ...workers]) ws.terminate();
   return { events, events_per_s: events / cfg.duration, lag_p50_ms: percentile(lag, 50), lag_p99_ms: percentile(lag, 99) };

@@ -530,9 +530,6 @@ class RoomState:
             self._remove(peer, fx)
         return fx
 
-    def close_all(self, code: int, reason: str) -> Effects:
-        return self.kick(None, code, reason)
-
     def _remove(self, peer: Peer, fx: Effects) -> None:
         del self.peers[peer.peer_id]
         del self.by_conn[peer.conn]
