@@ -115,9 +115,7 @@ class LocalAuthority:
 
     @classmethod
     def from_pem(cls, pem: bytes, *, lifetime: int = 86400) -> "LocalAuthority":
-        key = RSAKey.import_key(pem, parameters={"use": "sig", "alg": "RS256"})
-        key = RSAKey.import_key(pem, parameters={"use": "sig", "alg": "RS256", "kid": key.thumbprint()})
-        return cls(key, lifetime=lifetime)
+        return cls(_key_from_pem(pem), lifetime=lifetime)
 
     @classmethod
     def load_or_create(cls, data_dir: str, *, lifetime: int = 86400) -> "LocalAuthority":
@@ -133,12 +131,11 @@ class LocalAuthority:
             except OSError as exc:
                 raise ConfigError(f"cannot read signing key {path}: {exc.strerror}") from None
             try:
-                key = RSAKey.import_key(pem, parameters={"use": "sig", "alg": "RS256"})
+                key = _key_from_pem(pem)
             except Exception:  # joserfc raises several types for a bad PEM
                 raise ConfigError(f"signing key {path} is not an RSA private key in PEM") from None
             if not key.is_private:
                 raise ConfigError(f"signing key {path} holds no private key")
-            key = RSAKey.import_key(pem, parameters={"use": "sig", "alg": "RS256", "kid": key.thumbprint()})
             return cls(key, lifetime=lifetime)
         key = _new_key()
         try:
@@ -181,6 +178,12 @@ class LocalAuthority:
         return claims
 
 
+def _key_from_pem(pem: bytes) -> RSAKey:
+    """An RS256 signing key whose kid is its RFC 7638 thumbprint (stable across restarts
+    and instances that share the key)."""
+    key = RSAKey.import_key(pem, parameters={"use": "sig", "alg": "RS256"})
+    return RSAKey.import_key(pem, parameters={"use": "sig", "alg": "RS256", "kid": key.thumbprint()})
+
+
 def _new_key() -> RSAKey:
-    key = RSAKey.generate_key(2048, parameters={"use": "sig", "alg": "RS256"})
-    return RSAKey.import_key(key.as_pem(private=True), parameters={"use": "sig", "alg": "RS256", "kid": key.thumbprint()})
+    return _key_from_pem(RSAKey.generate_key(2048).as_pem(private=True))
