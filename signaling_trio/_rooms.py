@@ -86,7 +86,6 @@ class RoomActor:
         )
         self.inbox, self._receive = trio.open_memory_channel[Command](settings.room_inbox_size)
         self.metrics = supervisor.metrics
-        self.processed = 0
 
     def queue_depth(self) -> int:
         return self._receive.statistics().current_buffer_used
@@ -130,7 +129,6 @@ class RoomActor:
                 return  # retire: an empty room's live state is dropped
 
     def _dispatch(self, cmd: Command, now: float) -> None:
-        self.processed += 1
         state = self.state
         if type(cmd) is Message:
             self._apply(state.handle(cmd.conn, cmd.msg, cmd.raw, now))
@@ -224,7 +222,7 @@ class RoomSupervisor:
     def peers_by_role(self) -> dict[str, int]:
         total: dict[str, int] = {}
         for actor in self.rooms.values():
-            for role, n in actor.state.role_counts.items():
+            for role, n in actor.state.role_counts().items():
                 total[role] = total.get(role, 0) + n
         return total
 

@@ -302,7 +302,7 @@ def test_invariants_hold_under_any_sequence(ops):
         s = room.state
         assert set(s.by_conn.values()) == set(s.peers.values())
         assert {p.peer_id for p in s.by_conn.values()} == set(s.peers)
-        assert sum(s.role_counts.values()) == len(s.peers)
+        assert sum(s.role_counts().values()) == len(s.peers)
         for p in s.peers.values():
             if p.reserved_by is not None:
                 assert p.reserved_by in s.peers and p.peer_id in s.peers[p.reserved_by].holding

@@ -12,7 +12,7 @@ them to real outboxes. Nothing here awaits, so a membership change is never inte
 
 from __future__ import annotations
 
-from collections import Counter, OrderedDict
+from collections import OrderedDict
 from operator import attrgetter
 from typing import Any, Hashable
 
@@ -139,7 +139,6 @@ class RoomState:
         self.by_conn: dict[Conn, Peer] = {}
         self.subscribers: dict[str, Peer] = {}
         self.deadlines: dict[str, float] = {}  # reserved target -> trio deadline
-        self.role_counts: Counter[str] = Counter()
         # Discovery: peers by role, and by property value for the keys filters have
         # asked about (built on first use, kept up to date after); and the answers to
         # recent filters, valid while `version` (bumped on every visible change) holds.
@@ -163,6 +162,9 @@ class RoomState:
 
     def subs(self) -> set[str]:
         return {p.sub for p in self.peers.values()}
+
+    def role_counts(self) -> dict[str, int]:
+        return {role: len(members) for role, members in self._by_role.items()}
 
     # ---------------------------------------------------------------- register
     def register(
@@ -316,7 +318,6 @@ class RoomState:
         return index
 
     def _index(self, peer: Peer) -> None:
-        self.role_counts[peer.role] += 1
         self._by_role.setdefault(peer.role, {})[peer.peer_id] = peer
         for key, index in self._by_prop.items():
             if key in peer.properties:
@@ -326,9 +327,6 @@ class RoomState:
         self.version += 1
 
     def _unindex(self, peer: Peer) -> None:
-        self.role_counts[peer.role] -= 1
-        if not self.role_counts[peer.role]:
-            del self.role_counts[peer.role]
         by_role = self._by_role.get(peer.role)
         if by_role is not None:
             by_role.pop(peer.peer_id, None)
