@@ -128,18 +128,9 @@ class SignalingServer:
         s = self.settings
         if self._store is None:
             self._store = open_store(s)
-        if isinstance(self._store, RedisStore):
-            await self._store.__aenter__()  # its connection pool lives as long as we run
-        try:
+        async with self._store:  # e.g. Redis's connection pool lives as long as we run
             await self._setup_auth()
             await self._run(task_status)
-        finally:
-            if isinstance(self._store, RedisStore):
-                await self._store.aclose()  # pairs with __aenter__ above, same scope level
-            else:
-                with trio.CancelScope(shield=True):
-                    with trio.move_on_after(2):
-                        await self.store.aclose()
 
     async def _run(self, task_status: trio.TaskStatus[ServerInfo]) -> None:
         s = self.settings

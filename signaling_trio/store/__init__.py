@@ -15,6 +15,16 @@ from typing import Protocol
 from ..config import ConfigError, Settings
 
 
+class ClosingStore:
+    """`async with` for stores that need nothing to open: exit means aclose()."""
+
+    async def __aenter__(self) -> "ClosingStore":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()  # type: ignore[attr-defined]
+
+
 class StoreUnavailable(Exception):
     """The store cannot be reached or written; clients get STORE_UNAVAILABLE / 503."""
 
@@ -36,6 +46,11 @@ def hash_token(token: str) -> str:
 
 
 class Store(Protocol):
+    """Used as `async with store:` by the server, in its own task, around everything
+    else; `__aexit__` closes it (bounded, and safe under cancellation)."""
+
+    async def __aenter__(self) -> "Store": ...
+    async def __aexit__(self, *exc: object) -> None: ...
     async def create_room(self, room: RoomRecord) -> None: ...
     async def get_room(self, room_id: str) -> RoomRecord | None: ...
     async def set_expiry(self, room_id: str, expires_at: float) -> bool: ...

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from . import RoomRecord
+from . import ClosingStore, RoomRecord
 import dataclasses
 
 
-class MemoryStore:
+class MemoryStore(ClosingStore):
     def __init__(self) -> None:
         self._rooms: dict[str, RoomRecord] = {}
 

@@ -60,9 +60,11 @@ class RedisStore:
     async def __aexit__(self, *exc: Any) -> None:
         # No cancel scope of ours around this: the client's own scopes, opened in
         # __aenter__, close here, and must not end inside a newer one.
+        # The exception in flight (if any) is not handed to the client: its task group
+        # would re-raise it wrapped in a group; it propagates unchanged from here.
         if self._entered:
             self._entered = False
-            await self._client.__aexit__(*exc)
+            await self._client.__aexit__(None, None, None)
 
     async def _call(self, fn: Callable[[], Awaitable[T]]) -> T:
         try:

@@ -13,7 +13,7 @@ from typing import Any, Callable, TypeVar
 
 import trio
 
-from . import RoomRecord, StoreUnavailable
+from . import ClosingStore, RoomRecord, StoreUnavailable
 
 T = TypeVar("T")
 
@@ -30,7 +30,7 @@ CREATE TABLE IF NOT EXISTS health (k INTEGER PRIMARY KEY, checked_at REAL NOT NU
 """
 
 
-class SqliteStore:
+class SqliteStore(ClosingStore):
     def __init__(self, path: str) -> None:
         self.path = path
         self._limiter = trio.CapacityLimiter(1)
@@ -103,5 +103,5 @@ class SqliteStore:
             self._db = None
 
         if self._db is not None:
-            with trio.CancelScope(shield=True):
+            with trio.CancelScope(shield=True), trio.move_on_after(2):
                 await trio.to_thread.run_sync(lambda: close(self._db), limiter=self._limiter)  # type: ignore[arg-type]
