@@ -23,13 +23,12 @@ from ._prometheus import negotiate
 from .auth import AuthError
 from .protocol import errors as E
 from .protocol.room import RoomState
-from .store import RoomRecord, StoreUnavailable, hash_token
+from .store import RoomRecord, StoreUnavailable, bounded, hash_token
 
 if TYPE_CHECKING:
     from .server import SignalingServer
 
 MAX_TTL = 30 * 86400
-STORE_TIMEOUT = 5.0
 
 
 class HttpError(Exception):
@@ -65,9 +64,8 @@ def create_app(server: "SignalingServer") -> QuartTrio:
 
     async def store_call(coro_fn: Any, *args: Any) -> Any:
         try:
-            with trio.fail_after(STORE_TIMEOUT):
-                return await coro_fn(*args)
-        except (StoreUnavailable, trio.TooSlowError):
+            return await bounded(coro_fn, *args)
+        except StoreUnavailable:
             raise HttpError(503, E.STORE_UNAVAILABLE, "the room store cannot be reached") from None
 
     async def bearer(required: bool) -> dict[str, Any] | None:

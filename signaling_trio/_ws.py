@@ -25,7 +25,7 @@ from .protocol import errors as E
 from .protocol import metadata as md
 from .protocol.limits import TokenBucket
 from .protocol.messages import ROOM_TYPES, decode, dumps
-from .store import StoreUnavailable
+from .store import StoreUnavailable, bounded
 
 if TYPE_CHECKING:
     from .server import SignalingServer
@@ -190,11 +190,12 @@ class Connection:
             self._error(E.ProtocolError(E.NOT_IN_ROOM, "Peer not registered in any room"))
         elif mtype in ROOM_TYPES:
             inbox = self.actor.inbox
+            cmd = Message(self, msg, raw)
             try:
                 try:
-                    inbox.send_nowait(Message(self, msg, raw))
+                    inbox.send_nowait(cmd)
                 except trio.WouldBlock:  # the room is busy: this connection waits, no other
-                    await inbox.send(Message(self, msg, raw))
+                    await inbox.send(cmd)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 self._lost_room()
                 self._error(E.ProtocolError(E.NOT_IN_ROOM, "Peer not registered in any room"))
@@ -248,9 +249,8 @@ class Connection:
 
         already_here = self.actor is not None and self.room_id == room_id
         try:
-            with trio.fail_after(5):
-                record = await self.server.store.get_room(room_id)
-        except (StoreUnavailable, trio.TooSlowError):
+            record = await bounded(self.server.store.get_room, room_id)
+        except StoreUnavailable:
             raise E.ProtocolError(E.STORE_UNAVAILABLE, "the room store cannot be reached; try again") from None
         if record is None:
             raise E.ProtocolError(E.ROOM_NOT_FOUND, f"Room {room_id} not found")

@@ -6,6 +6,7 @@ import os
 import stat
 
 import pytest
+import trio
 
 from conftest import register, ws_peer
 from signaling_trio import ConfigError
@@ -92,3 +93,17 @@ async def test_store_check_at_start_fails_clearly(tmp_path):
     with pytest.raises(ConfigError, match="store"):
         async with open_test_server(store=f"sqlite:{tmp_path / 'file' / 'db'}", data_dir=str(tmp_path)):
             pass
+
+
+async def test_a_stuck_sqlite_call_is_bounded(tmp_path):
+    """sqlite runs in a worker thread; a call stuck there must still end at the caller's
+    deadline (the thread is abandoned, not waited for)."""
+    import time as _time
+
+    from signaling_trio.store import StoreUnavailable, bounded
+
+    async with open_test_server(store="sqlite", data_dir=str(tmp_path)) as srv:
+        store = srv.server.store
+        with trio.fail_after(4):  # liveness bound: without abandoning, this waits 6 s
+            with pytest.raises(StoreUnavailable, match="did not answer"):
+                await bounded(store._run, lambda db: _time.sleep(6), timeout=0.5)

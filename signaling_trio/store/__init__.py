@@ -10,7 +10,9 @@ import hashlib
 import hmac
 import os
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Awaitable, Callable, Protocol, TypeVar
+
+import trio
 
 from ..config import ConfigError, Settings
 
@@ -43,6 +45,20 @@ class RoomRecord:
 
 def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
+
+
+T = TypeVar("T")
+STORE_TIMEOUT = 5.0
+
+
+async def bounded(fn: Callable[..., Awaitable[T]], *args: Any, timeout: float = STORE_TIMEOUT) -> T:
+    """A store call with a deadline: no client ever waits on the store for longer, and a
+    store too slow to answer is unavailable like one that failed."""
+    try:
+        with trio.fail_after(timeout):
+            return await fn(*args)
+    except trio.TooSlowError:
+        raise StoreUnavailable(f"the store did not answer within {timeout:g} s") from None
 
 
 class Store(Protocol):
@@ -78,4 +94,4 @@ def open_store(settings: Settings) -> Store:
     raise ConfigError(f"--store {settings.store!r}: unknown store scheme")
 
 
-__all__ = ["RoomRecord", "Store", "StoreUnavailable", "hash_token", "open_store"]
+__all__ = ["RoomRecord", "Store", "StoreUnavailable", "bounded", "hash_token", "open_store"]

@@ -57,7 +57,9 @@ class SqliteStore(ClosingStore):
             except (sqlite3.Error, OSError) as exc:
                 raise StoreUnavailable(f"sqlite store {self.path}: {exc}") from exc
 
-        return await trio.to_thread.run_sync(job, limiter=self._limiter)
+        # abandon_on_cancel: a caller's deadline fires even while sqlite is stuck (a
+        # locked or stalled file); the thread keeps the limiter until it is done.
+        return await trio.to_thread.run_sync(job, limiter=self._limiter, abandon_on_cancel=True)
 
     async def create_room(self, room: RoomRecord) -> None:
         await self._run(
