@@ -22,7 +22,6 @@ from ._log import event
 from ._prometheus import negotiate
 from .auth import AuthError
 from .protocol import errors as E
-from .protocol.room import RoomState
 from .store import RoomRecord, StoreUnavailable, bounded, hash_token
 
 if TYPE_CHECKING:
@@ -67,6 +66,13 @@ def create_app(server: "SignalingServer") -> QuartTrio:
             return await bounded(coro_fn, *args)
         except StoreUnavailable:
             raise HttpError(503, E.STORE_UNAVAILABLE, "the room store cannot be reached") from None
+
+    async def room_call(room_id: str, op: str, *args: Any) -> Any:
+        """A question for the room's actor (here or on the instance that owns it)."""
+        try:
+            return await server.supervisor.call(room_id, op, *args)
+        except (trio.TooSlowError, StoreUnavailable):
+            raise HttpError(503, E.STORE_UNAVAILABLE, "the room did not answer in time; try again") from None
 
     async def bearer(required: bool) -> dict[str, Any] | None:
         header = request.headers.get("Authorization", "")
@@ -175,7 +181,7 @@ def create_app(server: "SignalingServer") -> QuartTrio:
             raise HttpError(404, E.ROOM_NOT_FOUND, f"Room {room_id} not found")
         sub = claims["sub"]
         if sub != record.creator:
-            subs = await server.supervisor.call(room_id, RoomState.subs)
+            subs = await room_call(room_id, "subs")
             if not subs or sub not in subs:
                 raise HttpError(403, "FORBIDDEN", "only the room's creator or a peer registered in it may extend it")
         expires_at = int(time.time() + ttl)
@@ -189,16 +195,15 @@ def create_app(server: "SignalingServer") -> QuartTrio:
         peer_id = string_field(data, "peer_id")
         assert peer_id is not None
         claims = await bearer(required=False)
-        room_id = string_field(data, "room_id", required=False) or server.supervisor.last_room.get(peer_id)
+        room_id = string_field(data, "room_id", required=False) or await server.supervisor.find_room(peer_id)
         if room_id is None:
             return {"status": "peer not found"}
         record = await store_call(server.store.get_room, room_id)
-        sup = server.supervisor
-        peer_sub = await sup.call(room_id, lambda s: s.peer_sub(peer_id))
+        peer_sub = await room_call(room_id, "peer_sub", peer_id)
         sub = claims["sub"] if claims else None
 
         if record is not None and sub is not None and sub == record.creator:
-            await sup.call(room_id, lambda s: s.kick(None, E.CLOSE_NORMAL, "room deleted"))
+            await room_call(room_id, "kick", None, E.CLOSE_NORMAL, "room deleted")
             await store_call(server.store.delete_room, room_id)
             event(logging.INFO, "room deleted", room_id=room_id, by="creator")
             return {"status": "room deleted; all peers disconnected"}
@@ -206,9 +211,9 @@ def create_app(server: "SignalingServer") -> QuartTrio:
         if peer_sub is not None:
             if sub is None or sub != peer_sub:
                 raise HttpError(403, "FORBIDDEN", f"peer {peer_id} is still connected; only it or the room's creator may remove it")
-            await sup.call(room_id, lambda s: s.kick(peer_id, E.CLOSE_NORMAL, "peer deleted"))
+            await room_call(room_id, "kick", peer_id, E.CLOSE_NORMAL, "peer deleted")
 
-        remaining = await sup.call(room_id, lambda s: len(s.peers)) or 0
+        remaining = await room_call(room_id, "count") or 0
         if record is None:
             return {"status": "peer deleted. Room status: not found"}
         if remaining == 0:

@@ -22,3 +22,7 @@ class Metrics:
         self.stalled_readers = 0
         self.register_timeouts = 0
         self.ping_timeouts = 0
+        # with a Redis cluster: items sent to / received from other instances, and dropped
+        self.cluster_sent = 0
+        self.cluster_received = 0
+        self.cluster_drops = 0

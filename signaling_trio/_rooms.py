@@ -45,7 +45,8 @@ class Register:
     role: str
     metadata: dict[str, Any]
     token: str
-    reply: trio.MemorySendChannel[str | None]
+    reply: Any  # has send_nowait(bound peer_id | None): a memory channel, or a remote reply
+    announce: bool = True  # False: a restore after the room moved (no registered_auth)
 
 
 @dataclass(slots=True)
@@ -62,11 +63,24 @@ class Leave:
 
 @dataclass(slots=True)
 class Call:
-    """Run `fn(state)` inside the actor (HTTP's queries and kicks). If it returns Effects
-    they are applied; the result goes back on `reply`."""
+    """Run the named operation inside the actor (HTTP's queries and kicks); its result
+    (plain data, so it can cross instances) goes back on `reply`."""
 
-    fn: Callable[[RoomState], Any]
-    reply: trio.MemorySendChannel[Any]
+    op: str
+    args: tuple[Any, ...]
+    reply: Any  # has send_nowait(result)
+
+
+def _kick(state: RoomState, peer_id: str | None, code: int, reason: str) -> Effects:
+    return state.kick(peer_id, code, reason)
+
+
+CALLS: dict[str, Callable[..., Any]] = {
+    "subs": lambda state: sorted(state.subs()),
+    "peer_sub": RoomState.peer_sub,
+    "count": lambda state: len(state.peers),
+    "kick": _kick,  # Effects: applied by the actor, the caller gets None
+}
 
 
 Command = Register | Message | Leave | Call
@@ -86,14 +100,20 @@ class RoomActor:
         )
         self.inbox, self._receive = trio.open_memory_channel[Command](settings.room_inbox_size)
         self.metrics = supervisor.metrics
+        self._scope = trio.CancelScope()
+
+    def abandon(self) -> None:
+        """Stop at once without telling anyone: the room now lives on another instance."""
+        self._scope.cancel()
 
     def queue_depth(self) -> int:
         return self._receive.statistics().current_buffer_used
 
     async def run(self) -> None:
         try:
-            async with self._receive:
-                await self._loop()
+            with self._scope:
+                async with self._receive:
+                    await self._loop()
         except Exception:
             # A bug in one room must not take the server down: log it, tell that room's
             # peers with 1011, and let the supervisor forget the room.
@@ -138,16 +158,17 @@ class RoomActor:
         elif type(cmd) is Register:
             fx = state.register(
                 cmd.conn, peer_id=cmd.peer_id, sub=cmd.sub, role=cmd.role,
-                metadata=cmd.metadata, token=cmd.token, now=now,
+                metadata=cmd.metadata, token=cmd.token, now=now, announce=cmd.announce,
             )
             self._apply(fx)
             bound = state.by_conn.get(cmd.conn)
             cmd.reply.send_nowait(bound.peer_id if bound is not None else None)
             self.metrics.messages_by_type["register"] += 1
         elif type(cmd) is Call:
-            result = cmd.fn(state)
+            result = CALLS[cmd.op](state, *cmd.args)
             if isinstance(result, Effects):
                 self._apply(result)
+                result = None
             cmd.reply.send_nowait(result)
 
     def _apply(self, fx: Effects) -> None:
@@ -178,6 +199,7 @@ class RoomSupervisor:
         self.rooms: dict[str, RoomActor] = {}
         self.last_room: OrderedDict[str, str] = OrderedDict()
         self._nursery: trio.Nursery | None = None
+        self.cluster: Any = None  # signaling_trio._cluster.Cluster with a Redis store
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
@@ -199,6 +221,8 @@ class RoomSupervisor:
         if self.rooms.get(actor.room_id) is actor:
             del self.rooms[actor.room_id]
             event(logging.DEBUG, "room idle", room_id=actor.room_id)
+            if self.cluster is not None:
+                self.cluster.room_retired(actor)
 
     def note_peer(self, peer_id: str, room_id: str) -> None:
         self.last_room[peer_id] = room_id
@@ -206,15 +230,28 @@ class RoomSupervisor:
         while len(self.last_room) > 100_000:
             self.last_room.popitem(last=False)
 
-    async def call(self, room_id: str, fn: Callable[[RoomState], Any], *, timeout: float = 5.0) -> Any:
-        """Run fn in the live room's actor; None when the room has no live state."""
+    async def find_room(self, peer_id: str) -> str | None:
+        """Where `peer_id` last registered (here, or on any instance with a cluster)."""
+        room_id = self.last_room.get(peer_id)
+        if room_id is None and self.cluster is not None:
+            room_id = await self.cluster.find_room(peer_id)
+        return room_id
+
+    async def call(self, room_id: str, op: str, *args: Any, timeout: float = 5.0) -> Any:
+        """Run the CALLS operation `op` in the live room's actor (on whichever instance
+        owns it); None when the room has no live state. trio.TooSlowError after `timeout`."""
+        if self.cluster is not None:
+            return await self.cluster.call(room_id, op, args, timeout=timeout)
+        return await self.call_local(room_id, op, args, timeout=timeout)
+
+    async def call_local(self, room_id: str, op: str, args: tuple[Any, ...], *, timeout: float = 5.0) -> Any:
         actor = self.rooms.get(room_id)
         if actor is None:
             return None
         send, receive = trio.open_memory_channel[Any](1)
         with trio.fail_after(timeout):
             try:
-                await actor.inbox.send(Call(fn, send))
+                await actor.inbox.send(Call(op, args, send))
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 return None
             return await receive.receive()

@@ -19,7 +19,7 @@ from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketReque
 
 from ._wsfix import send_many  # also: 1007/1002 close frames
 from ._log import event
-from ._rooms import Leave, Message, Register, RoomActor
+from ._rooms import Leave, Message, Register
 from .auth import AuthError
 from .protocol import errors as E
 from .protocol import metadata as md
@@ -36,6 +36,7 @@ PONG = '{"type":"pong"}'
 WRITE_BATCH = 64
 MAX_ID_LEN = 256
 MAX_TOKEN_LEN = 16384
+REGISTER_REPLY_TIMEOUT = 5.0  # a room (perhaps on another instance) answers a Register within this
 
 
 class Connection:
@@ -58,7 +59,7 @@ class Connection:
         # registration, owned by this connection's task
         self.peer_id: str | None = None
         self.room_id: str | None = None
-        self.actor: RoomActor | None = None
+        self.actor: Any = None  # the room's RoomActor, or with a cluster its RoomLink
         self.sub: str | None = None
         self.id_token: str | None = None
         # rate limit: a token bucket on trio's clock
@@ -264,16 +265,28 @@ class Connection:
 
         reply_send, reply_recv = trio.open_memory_channel[str | None](1)
         cmd = Register(self, peer_id, sub, role, metadata, token, reply_send)
+        cluster = self.server.supervisor.cluster
         for _attempt in range(3):
-            actor = self.server.supervisor.room(room_id)
             try:
+                if cluster is None:
+                    actor: Any = self.server.supervisor.room(room_id)
+                else:  # the room may live on another instance: its link carries the Register
+                    actor = await cluster.link(room_id)
                 await actor.inbox.send(cmd)
                 break
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 continue  # the room retired between lookup and send; a new one starts
+            except StoreUnavailable:
+                raise E.ProtocolError(E.STORE_UNAVAILABLE, "the room store cannot be reached; try again") from None
         else:
             raise E.ProtocolError(E.STORE_UNAVAILABLE, "room unavailable; try again")
-        bound = await reply_recv.receive()
+        bound = None
+        with trio.move_on_after(REGISTER_REPLY_TIMEOUT) as waited:
+            bound = await reply_recv.receive()
+        if waited.cancelled_caught:
+            if cluster is not None:
+                actor.forget_register(self.id)
+            raise E.ProtocolError(E.STORE_UNAVAILABLE, "the room did not answer in time; try again")
         if bound is None:
             if self.room_id == room_id:
                 self._lost_room()
@@ -281,6 +294,8 @@ class Connection:
         self.peer_id, self.room_id, self.actor = bound, room_id, actor
         self.sub, self.id_token = sub, id_token
         self.server.supervisor.note_peer(bound, room_id)
+        if cluster is not None:
+            cluster.note_peer(bound, room_id)
         event(logging.INFO, "register", conn=self.id, peer_id=bound, room_id=room_id, role=role)
 
     def _lost_room(self) -> None:

@@ -23,6 +23,7 @@ from hypercorn.trio import serve as hypercorn_serve
 from trio_websocket import WebSocketServer
 
 from . import _log
+from ._cluster import Cluster
 from ._http import create_app
 from ._log import event
 from ._metrics import Metrics
@@ -90,6 +91,7 @@ class SignalingServer:
         self._store = store
         self.local_authority: LocalAuthority | None = None
         self.oidc: OidcVerifier | None = None
+        self.cluster: Cluster | None = None
         self.verifier: Verifier
         self.info: ServerInfo | None = None
         self.started_at = time.time()
@@ -151,6 +153,10 @@ class SignalingServer:
         try:
             async with trio.open_nursery() as root:
                 await root.start(self.supervisor.run)
+                if isinstance(self._store, RedisStore):
+                    # one logical server with every other instance on this Redis
+                    self.cluster = Cluster(self, self._store.client)
+                    await root.start(self.cluster.run)
                 if self.oidc is not None:
                     await root.start(self.oidc.run)
                 root.start_soon(self._purge_loop)
@@ -193,6 +199,8 @@ class SignalingServer:
                             for conn in list(self.connections):
                                 conn.request_close(E.CLOSE_GOING_AWAY, "server shutting down")
                             await self.connections_drained.wait()
+                    if self.cluster is not None:
+                        await self.cluster.leave_cluster()
                     # hypercorn drains within its graceful_timeout; never wait longer.
                     listeners.cancel_scope.deadline = trio.current_time() + 1.5
                 root.cancel_scope.cancel()
@@ -242,7 +250,17 @@ class SignalingServer:
             "rate_limited_drops": m.rate_limited_drops,
             "room_crashes": m.room_crashes,
             "uptime_sec": round(time.time() - self.started_at, 3),
-        }
+        } | self._cluster_json()
+
+    def _cluster_json(self) -> dict[str, Any]:
+        """With Redis: this instance's id, its traffic with the others, and the whole
+        cluster's rooms and peers (summed every few seconds from every instance)."""
+        if self.cluster is None:
+            return {}
+        m = self.metrics
+        return {"instance": self.cluster.id, "cluster": dict(self.cluster.view),
+                "cluster_items_sent": m.cluster_sent, "cluster_items_received": m.cluster_received,
+                "cluster_items_dropped": m.cluster_drops}
 
 
 def _version() -> str:

@@ -4,57 +4,14 @@ missing one fails there, and is a skip with the reason elsewhere.)"""
 
 from __future__ import annotations
 
-import os
-import shutil
-import socket
-import subprocess
 import time
 
 import pytest
 import trio
 
 from conftest import register, ws_peer
+from redisproc import RedisServer, free_port
 from signaling_trio.testing import open_test_server
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class RedisServer:
-    def __init__(self) -> None:
-        exe = shutil.which("redis-server")
-        if exe is None:
-            if os.environ.get("CI"):
-                pytest.fail("redis-server is not installed: .ci/run installs the Debian package redis-server")
-            pytest.skip("redis-server is not installed (apt-get install redis-server)")
-        self.exe = exe
-        self.port = _free_port()
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen([self.exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                                      "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                    return
-            except OSError:
-                time.sleep(0.02)
-        raise RuntimeError("redis-server did not start")
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            self.proc.wait(timeout=10)
-            self.proc = None
 
 
 @pytest.fixture
@@ -118,5 +75,5 @@ async def test_unreachable_redis_at_start_fails_clearly():
     from signaling_trio import ConfigError
 
     with pytest.raises(ConfigError, match="cannot be reached"):
-        async with open_test_server(store=f"redis://127.0.0.1:{_free_port()}/0"):
+        async with open_test_server(store=f"redis://127.0.0.1:{free_port()}/0"):
             pass

@@ -177,8 +177,12 @@ class RoomState:
         metadata: dict[str, Any],
         token: str,
         now: float,
+        announce: bool = True,
     ) -> Effects:
-        """A connection whose id_token and room token the caller has already checked."""
+        """A connection whose id_token and room token the caller has already checked.
+
+        `announce=False` restores a peer that was already told it is registered (its room
+        moved to another instance, see docs/SCALING.md): no second `registered_auth`."""
         fx = Effects()
         try:
             md.check_size(metadata, self.max_metadata_bytes)
@@ -222,10 +226,11 @@ class RoomState:
         peer.sub = sub
         peer.set_profile(role, metadata)
         self._index(peer)
-        fx.send(
-            conn,
-            {"type": "registered_auth", "room_id": self.room_id, "token": token, "peer_id": peer_id},
-        )
+        if announce:
+            fx.send(
+                conn,
+                {"type": "registered_auth", "room_id": self.room_id, "token": token, "peer_id": peer_id},
+            )
         self._notify(peer, fx, "joined" if joined else "changed")
         return fx
 

@@ -52,6 +52,11 @@ class RedisStore:
         )
         self._entered = False
 
+    @property
+    def client(self) -> Any:
+        """The coredis client, shared with the cluster layer (signaling_trio._cluster)."""
+        return self._client
+
     async def __aenter__(self) -> "RedisStore":
         await self._client.__aenter__()
         self._entered = True

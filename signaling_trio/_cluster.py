@@ -1,0 +1,813 @@
+"""Many instances, one logical server: rooms shared through Redis (`--store redis://`).
+
+Owns: this instance's id and Redis channel, room ownership leases, the links that carry
+a room's commands to the instance that owns it and the room's output back, failover.
+Never touches: a room's state (its actor owns it), sockets, the room records (the store).
+
+The design, in short (docs/SCALING.md has the long form and every failure case):
+
+- A live room has exactly one owner, the instance holding `signaling:lease:{<room>}`
+  (taken with one Lua step, SET if absent, and renewed every RENEW s while the room
+  lives). Only the owner runs the room's actor, so every room operation, a reservation
+  above all, stays one actor's atomic step, exactly as on one instance.
+- Each instance subscribes to its own channel. A connection whose room is owned
+  elsewhere sends its commands (Register, Message, Leave) to the owner's channel; the
+  owner holds a `RemoteConn` for it whose `deliver()`/`request_close()` publish to the
+  connection's instance. One publisher task per destination instance keeps order,
+  batches, and is bounded (a full queue drops, like a full outbox).
+- Every HEARTBEAT s each instance tells each room's owner which of its connections are in
+  that room. The owner forgets remote connections that are not listed, or whose instance
+  went silent for SILENT_AFTER s (a SIGKILLed instance, a Redis outage: no ghosts), and
+  names the ones it does not know, which their instance restores.
+- A lease seen missing for TAKEOVER_AFTER s (its owner died, or Redis lost it) is taken by
+  the next instance with connections in the room, which restores them there (Register
+  with announce=False: no second `registered_auth`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import secrets
+from typing import TYPE_CHECKING, Any
+
+import coredis
+import coredis.exceptions
+import orjson
+import trio
+from coredis.retry import NoRetryPolicy
+
+from ._log import event
+from ._rooms import Leave, Message, Register, RoomActor
+from .protocol import errors as E
+from .protocol import metadata as md
+from .protocol.messages import decode, dumps
+from .store import StoreUnavailable
+
+if TYPE_CHECKING:
+    from .server import SignalingServer
+
+PREFIX = "signaling"
+LEASE_MS = 3000  # a lease lives this long unless renewed
+RENEW = 1.0  # owners renew their leases this often
+HEARTBEAT = 1.0  # instances tell owners who is in their rooms this often
+SILENT_AFTER = 4.0  # an instance not heard from this long has lost its connections
+TAKEOVER_AFTER = 1.5  # a lease missing this long (its owner could have renewed) is taken
+REPLY_TIMEOUT = 5.0  # longest wait for another instance's answer
+LINK_QUEUE = 20000  # items queued for one destination instance before drops
+PUBLISH_BATCH = 512
+STATS_EVERY = 2.0
+REDIS_TIMEOUT = 2.0
+
+# The owner of a room's lease, taking it when nobody has it; renewing it when we do.
+ACQUIRE = """
+local v = redis.call('GET', KEYS[1])
+if not v then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return ARGV[1]
+end
+if v == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return v
+"""
+RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+def lease_key(room_id: str) -> str:
+    return f"{PREFIX}:lease:{{{room_id}}}"  # same hash slot as the room's record
+
+
+def channel_of(instance: str) -> str:
+    return f"{PREFIX}:instance:{instance}"
+
+
+class Outlink:
+    """Everything this instance sends to one other instance: ordered, batched, bounded."""
+
+    def __init__(self, cluster: "Cluster", target: str) -> None:
+        self.cluster = cluster
+        self.target = target
+        self.channel = channel_of(target)
+        self._send, self._recv = trio.open_memory_channel[list[Any]](LINK_QUEUE)
+
+    def put(self, item: list[Any]) -> None:
+        try:
+            self._send.send_nowait(item)
+        except trio.WouldBlock:
+            self.cluster.metrics.cluster_drops += 1
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            pass
+
+    def queued(self) -> int:
+        return self._recv.statistics().current_buffer_used
+
+    async def run(self) -> None:
+        cluster = self.cluster
+        recv = self._recv
+        async with recv:
+            async for item in recv:
+                batch = [item]
+                while len(batch) < PUBLISH_BATCH:
+                    try:
+                        batch.append(recv.receive_nowait())
+                    except trio.WouldBlock:
+                        break
+                payload = orjson.dumps({"f": cluster.id, "i": batch})
+                try:
+                    with trio.fail_after(REDIS_TIMEOUT):
+                        await cluster.redis.publish(self.channel, payload)
+                    cluster.metrics.cluster_sent += len(batch)
+                except (coredis.exceptions.RedisError, trio.TooSlowError, OSError) as exc:
+                    cluster.metrics.cluster_drops += len(batch)
+                    event(logging.WARNING, "cluster publish failed", to=self.target,
+                          items=len(batch), error=type(exc).__name__)
+
+
+class RemoteConn:
+    """On a room's owner: a connection that lives on another instance."""
+
+    __slots__ = ("id", "instance", "cid", "room_id", "cluster")
+
+    def __init__(self, cluster: "Cluster", instance: str, cid: int, room_id: str) -> None:
+        self.id = f"{instance[:6]}/{cid}"
+        self.cluster = cluster
+        self.instance = instance
+        self.cid = cid
+        self.room_id = room_id
+
+    def __repr__(self) -> str:
+        return f"<RemoteConn {self.id} room={self.room_id}>"
+
+    def deliver(self, text: str) -> None:
+        self.cluster.outlink(self.instance).put(["o", self.room_id, self.cid, text])
+
+    def request_close(self, code: int, reason: str) -> None:
+        self.cluster.outlink(self.instance).put(["x", self.room_id, self.cid, code, reason])
+
+
+class _Reply:
+    """A reply that crosses instances: `send_nowait(value)` publishes `head + [value]`."""
+
+    __slots__ = ("cluster", "instance", "head", "on_none")
+
+    def __init__(self, cluster: "Cluster", instance: str, head: list[Any], on_none: Any = None) -> None:
+        self.cluster = cluster
+        self.instance = instance
+        self.head = head
+        self.on_none = on_none
+
+    def send_nowait(self, value: Any) -> None:
+        if value is None and self.on_none is not None:
+            self.on_none()
+        self.cluster.outlink(self.instance).put([*self.head, value])
+
+
+class Member:
+    """A local connection in a room, as its link remembers it for a restore elsewhere."""
+
+    __slots__ = ("conn", "peer_id", "sub", "role", "metadata", "token", "req", "confirmed")
+
+    def __init__(self, cmd: Register, req: int) -> None:
+        self.conn = cmd.conn
+        self.peer_id = cmd.peer_id
+        self.sub = cmd.sub
+        self.role = cmd.role
+        self.metadata = cmd.metadata
+        self.token = cmd.token
+        self.req = req
+        self.confirmed = False
+
+    def register(self, reply: Any, announce: bool) -> Register:
+        return Register(self.conn, self.peer_id, self.sub, self.role, self.metadata, self.token, reply, announce)
+
+
+class _Confirm:
+    """Wraps a Register's reply: records the outcome on the member, then passes it on."""
+
+    __slots__ = ("link", "cid", "req", "reply")
+
+    def __init__(self, link: "RoomLink", cid: int, req: int, reply: Any) -> None:
+        self.link, self.cid, self.req, self.reply = link, cid, req, reply
+
+    def send_nowait(self, value: Any) -> None:
+        self.link.confirmed(self.cid, self.req, value)
+        if self.reply is not None:
+            try:
+                self.reply.send_nowait(value)
+            except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
+                pass  # the connection stopped waiting
+
+
+class RoomLink:
+    """This instance's way into one room, wherever the room lives. Connections hold the
+    link (as `Connection.actor`) and use `link.inbox` like an actor's inbox; the link
+    sends to the local actor when this instance owns the room, else to the owner."""
+
+    def __init__(self, cluster: "Cluster", room_id: str) -> None:
+        self.cluster = cluster
+        self.room_id = room_id
+        self.owner: str | None = None
+        self.actor: RoomActor | None = None
+        self.members: dict[int, Member] = {}
+        self.pending: dict[int, tuple[int, Any]] = {}  # cid -> (req, reply), remote only
+        self.missing_since: float | None = None
+
+    @property
+    def inbox(self) -> "RoomLink":
+        return self
+
+    # -------------------------------------------------- the inbox interface
+    def send_nowait(self, cmd: Any) -> None:
+        actor = self.actor
+        if actor is not None:
+            cmd = self._local(cmd)
+            actor.inbox.send_nowait(cmd)
+            self._track(cmd)
+        else:
+            self._remote(cmd)
+
+    async def send(self, cmd: Any) -> None:
+        actor = self.actor
+        if actor is not None:
+            cmd = self._local(cmd)
+            await actor.inbox.send(cmd)
+            self._track(cmd)
+        else:
+            self._remote(cmd)
+
+    def forget_register(self, cid: int) -> None:
+        """The connection stopped waiting for its Register's answer."""
+        self.pending.pop(cid, None)
+        member = self.members.get(cid)
+        if member is not None and not member.confirmed:
+            del self.members[cid]
+
+    # ------------------------------------------------------------ internals
+    def _local(self, cmd: Any) -> Any:
+        if type(cmd) is Register and not isinstance(cmd.reply, _Confirm):
+            req = next(self.cluster.reqs)
+            cmd.reply = _Confirm(self, cmd.conn.id, req, cmd.reply)
+        return cmd
+
+    def _track(self, cmd: Any) -> None:
+        kind = type(cmd)
+        if kind is Message:
+            if cmd.msg["type"] == "update_metadata":
+                self._note_metadata(cmd.conn.id, cmd.msg)
+        elif kind is Register:
+            reply = cmd.reply
+            member = Member(cmd, reply.req)
+            old = self.members.get(cmd.conn.id)
+            if old is not None and old.confirmed:
+                member.confirmed = True  # a re-register: it is in the room either way
+            self.members[cmd.conn.id] = member
+        elif kind is Leave:
+            self.members.pop(cmd.conn.id, None)
+            self.pending.pop(cmd.conn.id, None)
+
+    def _note_metadata(self, cid: int, msg: dict[str, Any]) -> None:
+        member = self.members.get(cid)
+        if member is None:
+            return
+        try:
+            member.metadata = md.merge(member.metadata, md.validate(msg.get("metadata")))
+        except E.ProtocolError:
+            pass  # the owner answers the error; the peer keeps its metadata
+
+    def _remote(self, cmd: Any) -> None:
+        owner = self.owner
+        cid = cmd.conn.id
+        kind = type(cmd)
+        if owner is None:  # the room ended here (emptied by a kick, or crashed)
+            self.members.pop(cid, None)
+            self.pending.pop(cid, None)
+            if kind is not Leave:
+                raise trio.BrokenResourceError("the room is gone")  # the connection says NOT_IN_ROOM
+            return
+        out = self.cluster.outlink(owner)
+        if kind is Message:
+            if cmd.msg["type"] == "update_metadata":
+                self._note_metadata(cid, cmd.msg)
+            out.put(["M", self.room_id, cid, cmd.raw])
+        elif kind is Register:
+            req = next(self.cluster.reqs)
+            member = Member(cmd, req)
+            old = self.members.get(cid)
+            member.confirmed = old is not None and old.confirmed
+            self.members[cid] = member
+            self.pending[cid] = (req, cmd.reply)
+            out.put(["R", self.room_id, cid, req, cmd.peer_id, cmd.sub, cmd.role, cmd.metadata,
+                     cmd.token, cmd.announce])
+        elif kind is Leave:
+            self.members.pop(cid, None)
+            self.pending.pop(cid, None)
+            out.put(["L", self.room_id, cid])
+        else:
+            raise TypeError(f"a room link does not carry {kind.__name__}")
+
+    def confirmed(self, cid: int, req: int, value: Any) -> None:
+        member = self.members.get(cid)
+        if member is None or member.req != req:
+            return
+        if value is None:
+            del self.members[cid]
+            conn = member.conn
+            if getattr(conn, "actor", None) is self and getattr(conn, "room_id", None) == self.room_id:
+                conn._lost_room()
+        else:
+            member.confirmed = True
+            member.peer_id = value
+
+    def restore_all(self) -> None:
+        """Send every member (and every unanswered Register) to the room's new home."""
+        pending = self.pending
+        self.pending = {}
+        for cid, member in list(self.members.items()):
+            waiting = pending.get(cid)
+            req = next(self.cluster.reqs)
+            member.req = req
+            if member.confirmed:
+                reply, announce = None, False
+            else:  # its connection still waits for the answer
+                reply, announce = (waiting[1] if waiting else None), True
+            self.restore(member, req, reply, announce)
+
+    def restore(self, member: Member, req: int, reply: Any, announce: bool) -> None:
+        cid = member.conn.id
+        if self.actor is not None:
+            cmd = member.register(_Confirm(self, cid, req, reply), announce)
+            try:
+                self.actor.inbox.send_nowait(cmd)
+            except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+                self.cluster.spawn(self._restore_later, cmd)
+        else:
+            assert self.owner is not None
+            self.pending[cid] = (req, _Confirm(self, cid, req, reply))
+            self.cluster.outlink(self.owner).put([
+                "R", self.room_id, cid, req, member.peer_id, member.sub, member.role,
+                member.metadata, member.token, announce,
+            ])
+
+    async def _restore_later(self, cmd: Register) -> None:
+        actor = self.actor
+        if actor is not None:
+            try:
+                await actor.inbox.send(cmd)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+
+
+class Cluster:
+    def __init__(self, server: "SignalingServer", redis: Any) -> None:
+        self.server = server
+        self.supervisor = server.supervisor
+        self.metrics = server.metrics
+        self.redis = redis
+        self.id = secrets.token_hex(8)
+        self.reqs = itertools.count(1)
+        self.links: dict[str, RoomLink] = {}  # rooms with local connections, or owned here
+        self.outlinks: dict[str, Outlink] = {}
+        # on an owner: remote connections by (room, instance), and when each was heard of
+        self.remote: dict[tuple[str, str], dict[int, RemoteConn]] = {}
+        self.heard: dict[tuple[str, str], float] = {}
+        self.calls: dict[int, Any] = {}
+        self.view: dict[str, Any] = {"instances": 1, "active_rooms": 0, "active_connections": 0,
+                                     "peers_by_role": {}}
+        self._chores_send, self._chores_recv = trio.open_memory_channel[tuple[str, str]](10000)
+        self._nursery: trio.Nursery | None = None
+        self._acquire = redis.register_script(ACQUIRE)
+        self._release = redis.register_script(RELEASE)
+
+    # ------------------------------------------------------------ tasks
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        self.supervisor.cluster = self
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                await nursery.start(self._subscriber)
+                nursery.start_soon(self._tend_loop)
+                nursery.start_soon(self._renew_loop)
+                nursery.start_soon(self._stats_loop)
+                nursery.start_soon(self._chores)
+                event(logging.INFO, "cluster joined", instance=self.id)
+                task_status.started()
+        finally:
+            self.supervisor.cluster = None
+
+    def spawn(self, fn: Any, *args: Any) -> None:
+        assert self._nursery is not None
+        self._nursery.start_soon(fn, *args)
+
+    def outlink(self, instance: str) -> Outlink:
+        out = self.outlinks.get(instance)
+        if out is None:
+            out = self.outlinks[instance] = Outlink(self, instance)
+            self.spawn(out.run)
+        return out
+
+    async def _subscriber(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Our channel, re-subscribed after every Redis outage (what was published
+        meanwhile is lost; heartbeats and restores repair the rooms)."""
+        started = False
+        while True:
+            try:
+                async with self.redis.pubsub(channels=[channel_of(self.id)], ignore_subscribe_messages=True,
+                                             retry_policy=NoRetryPolicy(), max_idle_seconds=2) as ps:
+                    if not started:
+                        task_status.started()
+                        started = True
+                    else:
+                        event(logging.INFO, "cluster channel back")
+                    await self._consume(ps)
+                await trio.sleep(0.5)  # the subscription ended by itself: start a new one
+            except Exception as exc:  # noqa: BLE001 - coredis raises groups of connection errors
+                if not started:
+                    raise StoreUnavailable(f"cannot subscribe to the cluster channel ({type(exc).__name__})") from None
+                event(logging.WARNING, "cluster channel lost", error=type(exc).__name__)
+                await trio.sleep(0.5)
+
+    async def _consume(self, ps: Any) -> None:
+        async for message in ps:
+            if message["type"] != "message":
+                continue
+            try:
+                batch = orjson.loads(message["data"])
+                src, items = batch["f"], batch["i"]
+            except (orjson.JSONDecodeError, KeyError, TypeError):
+                event(logging.WARNING, "cluster message unreadable")
+                continue
+            for item in items:
+                try:
+                    await self._handle(src, item)
+                except (IndexError, KeyError, TypeError, ValueError) as exc:
+                    event(logging.WARNING, "cluster item unreadable", kind=str(item[:1]),
+                          error=type(exc).__name__)
+            self.metrics.cluster_received += len(items)
+
+    async def _handle(self, src: str, item: list[Any]) -> None:
+        kind = item[0]
+        # ---- to this instance as a room's owner
+        if kind == "M":
+            _, room_id, cid, raw = item
+            rc = self.remote.get((room_id, src), {}).get(cid)
+            actor = self.supervisor.rooms.get(room_id)
+            if rc is None or actor is None:
+                self._error_to(src, room_id, cid, E.ProtocolError(E.NOT_IN_ROOM, "Peer not registered in any room"))
+                return
+            try:
+                msg = decode(raw)
+            except E.ProtocolError as exc:
+                self._error_to(src, room_id, cid, exc)
+                return
+            await self._to_actor(actor, Message(rc, msg, raw))
+        elif kind == "R":
+            _, room_id, cid, req, peer_id, sub, role, metadata, token, announce = item
+            owner = await self._own(room_id)
+            actor = self.supervisor.rooms.get(room_id) if owner == self.id else None
+            if actor is None:
+                self.outlink(src).put(["m", room_id, cid, req, owner])
+                return
+            conns = self.remote.setdefault((room_id, src), {})
+            rc = conns.get(cid)
+            if rc is None:
+                rc = conns[cid] = RemoteConn(self, src, cid, room_id)
+            self.heard[(room_id, src)] = trio.current_time()
+
+            def forget() -> None:
+                if actor is not None and rc not in actor.state.by_conn:
+                    conns.pop(cid, None)
+
+            reply = _Reply(self, src, ["r", room_id, cid, req], on_none=forget)
+            await self._to_actor(actor, Register(rc, peer_id, sub, role, metadata, token, reply, bool(announce)))
+        elif kind == "L":
+            _, room_id, cid = item
+            rc = self.remote.get((room_id, src), {}).pop(cid, None)
+            actor = self.supervisor.rooms.get(room_id)
+            if rc is not None and actor is not None:
+                await self._to_actor(actor, Leave(rc))
+        elif kind == "H":
+            _, room_id, cids = item
+            actor = self.supervisor.rooms.get(room_id)
+            if actor is None:
+                return
+            self.heard[(room_id, src)] = trio.current_time()
+            conns = self.remote.setdefault((room_id, src), {})
+            listed = set(cids)
+            for cid in [c for c in conns if c not in listed]:
+                await self._to_actor(actor, Leave(conns.pop(cid)))
+            unknown = [c for c in cids if c not in conns]
+            if unknown:
+                self.outlink(src).put(["u", room_id, unknown])
+        elif kind == "C":
+            _, room_id, req, op, args = item
+            self.spawn(self._answer_call, src, room_id, req, op, tuple(args))
+        # ---- to this instance as the home of connections
+        elif kind == "o":
+            _, room_id, cid, text = item
+            member = self._member(room_id, cid)
+            if member is not None:
+                member.conn.deliver(text)
+        elif kind == "x":
+            _, room_id, cid, code, reason = item
+            member = self._member(room_id, cid)
+            if member is not None:
+                member.conn.request_close(code, reason)
+        elif kind == "r":
+            _, room_id, cid, req, value = item
+            link = self.links.get(room_id)
+            if link is not None:
+                waiting = link.pending.get(cid)
+                if waiting is not None and waiting[0] == req:
+                    del link.pending[cid]
+                    reply = waiting[1]
+                    if not isinstance(reply, _Confirm):
+                        reply = _Confirm(link, cid, req, reply)
+                    reply.send_nowait(value)
+        elif kind == "m":  # "not mine": the room moved (or its owner let it go)
+            _, room_id, cid, req, owner = item
+            link = self.links.get(room_id)
+            if link is not None and link.actor is None:
+                self.spawn(self._relocate, link)
+        elif kind == "u":  # the owner does not know these connections: restore them
+            _, room_id, cids = item
+            link = self.links.get(room_id)
+            if link is not None and link.actor is None:
+                for cid in cids:
+                    member = link.members.get(cid)
+                    if member is not None and member.confirmed and cid not in link.pending:
+                        req = next(self.reqs)
+                        member.req = req
+                        link.restore(member, req, None, False)
+        elif kind == "c":
+            _, req, value = item
+            waiting = self.calls.pop(req, None)
+            if waiting is not None:
+                waiting.send_nowait(value)
+        else:
+            raise ValueError(f"unknown kind {kind!r}")
+
+    def _member(self, room_id: str, cid: int) -> Member | None:
+        link = self.links.get(room_id)
+        return link.members.get(cid) if link is not None else None
+
+    def _error_to(self, instance: str, room_id: str, cid: int, exc: E.ProtocolError) -> None:
+        self.metrics.errors_by_code[exc.code] += 1
+        self.outlink(instance).put(["o", room_id, cid, dumps(exc.to_message())])
+
+    @staticmethod
+    async def _to_actor(actor: RoomActor, cmd: Any) -> None:
+        try:
+            try:
+                actor.inbox.send_nowait(cmd)
+            except trio.WouldBlock:
+                await actor.inbox.send(cmd)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the room retired meanwhile
+
+    async def _answer_call(self, src: str, room_id: str, req: int, op: str, args: tuple[Any, ...]) -> None:
+        try:
+            value = await self.supervisor.call_local(room_id, op, args, timeout=REPLY_TIMEOUT)
+        except trio.TooSlowError:
+            return  # the asker times out too
+        self.outlink(src).put(["c", req, value])
+
+    # ------------------------------------------------------- ownership
+    async def _lease(self, room_id: str) -> str:
+        """Who owns the room now, taking it if nobody does. StoreUnavailable if unsure."""
+        try:
+            with trio.fail_after(REDIS_TIMEOUT):
+                owner = await self._acquire(keys=[lease_key(room_id)], args=[self.id, LEASE_MS])
+        except (coredis.exceptions.RedisError, trio.TooSlowError, OSError) as exc:
+            raise StoreUnavailable(f"room lease for {room_id} ({type(exc).__name__})") from None
+        return owner.decode() if isinstance(owner, bytes) else str(owner)
+
+    async def _own(self, room_id: str) -> str | None:
+        """For a Register arriving from another instance: make sure the room is live here
+        if this instance owns it (starting it if needed); the owner's id, None if unsure."""
+        if room_id in self.supervisor.rooms:
+            return self.id
+        try:
+            owner = await self._lease(room_id)
+        except StoreUnavailable:
+            return None
+        if owner == self.id:
+            self._adopt(self._link(room_id), owner)
+        return owner
+
+    def _link(self, room_id: str) -> RoomLink:
+        link = self.links.get(room_id)
+        if link is None:
+            link = self.links[room_id] = RoomLink(self, room_id)
+        return link
+
+    async def link(self, room_id: str) -> RoomLink:
+        """The way into a room for a local connection that registers (StoreUnavailable
+        when Redis cannot say who owns it)."""
+        link = self.links.get(room_id)
+        if link is not None and (link.actor is not None or link.owner not in (None, self.id)):
+            return link
+        owner = await self._lease(room_id)
+        link = self._link(room_id)
+        if link.actor is None or owner != self.id:
+            self._adopt(link, owner)
+        return link
+
+    def _adopt(self, link: RoomLink, owner: str) -> None:
+        """Point the link at the room's (new) owner and move its members there."""
+        if owner == self.id:
+            if link.actor is None:
+                link.actor = self.supervisor.rooms.get(link.room_id) or self.supervisor.room(link.room_id)
+                link.owner = owner
+                link.restore_all()
+            return
+        moved = link.owner is not None and link.owner != owner
+        if link.actor is not None:  # we lost the room: it lives on elsewhere
+            actor, link.actor = link.actor, None
+            self.supervisor.rooms.pop(link.room_id, None)
+            actor.abandon()
+            for key in [k for k in self.remote if k[0] == link.room_id]:
+                del self.remote[key]
+            moved = True
+            event(logging.WARNING, "room lease lost", room_id=link.room_id, owner=owner)
+        link.owner = owner
+        link.missing_since = None
+        if moved or link.pending:
+            link.restore_all()
+
+    def room_retired(self, actor: RoomActor) -> None:
+        """The owner's actor ended (room empty, or crashed): forget what pointed at it.
+        The lease lapses by itself; a Register before then restarts the room here."""
+        room_id = actor.room_id
+        link = self.links.get(room_id)
+        if link is not None and link.actor is actor:
+            link.actor = None
+            link.owner = None
+            if not link.members:
+                del self.links[room_id]
+        for key in [k for k in self.remote if k[0] == room_id]:
+            del self.remote[key]
+            self.heard.pop(key, None)
+
+    async def _relocate(self, link: RoomLink) -> None:
+        try:
+            owner = await self._lease(link.room_id)
+        except StoreUnavailable:
+            return  # the next tend round tries again
+        if self.links.get(link.room_id) is link:
+            self._adopt(link, owner)
+
+    async def _tend_loop(self) -> None:
+        """Each HEARTBEAT: tell owners who is here; follow rooms whose owner changed or
+        vanished; forget remote connections of instances gone silent."""
+        while True:
+            await trio.sleep(HEARTBEAT)
+            now = trio.current_time()
+            for room_id, link in list(self.links.items()):
+                if link.actor is not None:
+                    continue
+                if not link.members and not link.pending:
+                    if self.links.get(room_id) is link:
+                        del self.links[room_id]
+                    continue
+                try:
+                    with trio.fail_after(REDIS_TIMEOUT):
+                        owner = await self.redis.get(lease_key(room_id))
+                except (coredis.exceptions.RedisError, trio.TooSlowError, OSError):
+                    break  # Redis is away: try again next round
+                if self.links.get(room_id) is not link or link.actor is not None:
+                    continue
+                if owner is None:
+                    if link.missing_since is None:
+                        link.missing_since = now
+                    if now - link.missing_since < TAKEOVER_AFTER:
+                        continue
+                    await self._relocate(link)
+                elif owner != link.owner:
+                    self._adopt(link, owner)
+                else:
+                    link.missing_since = None
+                    self.outlink(owner).put(["H", room_id, list(link.members)])
+            for key, last in list(self.heard.items()):
+                if now - last < SILENT_AFTER:
+                    continue
+                del self.heard[key]
+                conns = self.remote.pop(key, {})
+                actor = self.supervisor.rooms.get(key[0])
+                if conns:
+                    event(logging.WARNING, "instance silent", instance=key[1], room_id=key[0], peers=len(conns))
+                for rc in conns.values():
+                    if actor is not None:
+                        await self._to_actor(actor, Leave(rc))
+
+    async def _renew_loop(self) -> None:
+        while True:
+            await trio.sleep(RENEW)
+            for room_id in list(self.supervisor.rooms):
+                try:
+                    owner = await self._lease(room_id)
+                except StoreUnavailable:
+                    break  # keep serving; the lease is retaken (or lost) when Redis is back
+                if owner != self.id and room_id in self.supervisor.rooms:
+                    self._adopt(self._link(room_id), owner)
+
+    # ------------------------------------------------------------- HTTP
+    async def call(self, room_id: str, op: str, args: tuple[Any, ...], *, timeout: float) -> Any:
+        if room_id in self.supervisor.rooms:
+            return await self.supervisor.call_local(room_id, op, args, timeout=timeout)
+        try:
+            with trio.fail_after(REDIS_TIMEOUT):
+                owner = await self.redis.get(lease_key(room_id))
+        except (coredis.exceptions.RedisError, trio.TooSlowError, OSError) as exc:
+            raise StoreUnavailable(f"room lease ({type(exc).__name__})") from None
+        if owner is None:
+            return None
+        if owner == self.id:
+            return await self.supervisor.call_local(room_id, op, args, timeout=timeout)
+        req = next(self.reqs)
+        send, recv = trio.open_memory_channel[Any](1)
+        self.calls[req] = send
+        try:
+            self.outlink(owner).put(["C", room_id, req, op, list(args)])
+            with trio.fail_after(timeout):
+                return await recv.receive()
+        finally:
+            self.calls.pop(req, None)
+
+    def note_peer(self, peer_id: str, room_id: str) -> None:
+        try:
+            self._chores_send.send_nowait((peer_id, room_id))
+        except trio.WouldBlock:
+            pass
+
+    async def find_room(self, peer_id: str) -> str | None:
+        try:
+            with trio.fail_after(REDIS_TIMEOUT):
+                value = await self.redis.get(f"{PREFIX}:peer-room:{peer_id}")
+        except (coredis.exceptions.RedisError, trio.TooSlowError, OSError):
+            return None
+        return None if value is None else str(value)
+
+    async def _chores(self) -> None:
+        """Where each peer id last registered, for v1's /delete-peers-and-room on any
+        instance (written off the registration path)."""
+        async for peer_id, room_id in self._chores_recv:
+            try:
+                with trio.fail_after(REDIS_TIMEOUT):
+                    await self.redis.set(f"{PREFIX}:peer-room:{peer_id}", room_id, ex=86400)
+            except (coredis.exceptions.RedisError, trio.TooSlowError, OSError):
+                pass
+
+    # ---------------------------------------------------------- metrics
+    async def _stats_loop(self) -> None:
+        """Publish this instance's counts; sum everyone's (for /metrics)."""
+        import time
+
+        key = f"{PREFIX}:instances"
+        while True:
+            sup = self.supervisor
+            mine = {"rooms": len(sup.rooms), "peers": sup.peer_count(), "peers_by_role": sup.peers_by_role()}
+            now = time.time()
+            try:
+                with trio.fail_after(REDIS_TIMEOUT):
+                    await self.redis.set(f"{PREFIX}:stats:{self.id}", orjson.dumps(mine).decode(),
+                                         px=int(STATS_EVERY * 3000))
+                    await self.redis.zadd(key, {self.id: now})
+                    await self.redis.zremrangebyscore(key, "-inf", now - STATS_EVERY * 3)
+                    ids = await self.redis.zrange(key, 0, -1)
+                    rooms = peers = alive = 0
+                    roles: dict[str, int] = {}
+                    for instance in ids:
+                        raw = await self.redis.get(f"{PREFIX}:stats:{instance}")
+                        if raw is None:
+                            continue
+                        stats = orjson.loads(raw)
+                        alive += 1
+                        rooms += stats["rooms"]
+                        peers += stats["peers"]
+                        for role, n in stats["peers_by_role"].items():
+                            roles[role] = roles.get(role, 0) + n
+                self.view = {"instances": alive, "active_rooms": rooms, "active_connections": peers,
+                             "peers_by_role": roles}
+            except (coredis.exceptions.RedisError, trio.TooSlowError, OSError):
+                pass
+            await trio.sleep(STATS_EVERY)
+
+    # --------------------------------------------------------- shutdown
+    async def leave_cluster(self) -> None:
+        """Graceful shutdown: flush what is queued for other instances, and let go of our
+        leases so that another instance takes our rooms without waiting for them to lapse."""
+        with trio.move_on_after(1.5):
+            while any(out.queued() for out in self.outlinks.values()):
+                await trio.sleep(0.02)
+            for room_id in list(self.supervisor.rooms):
+                with trio.move_on_after(0.5):
+                    try:
+                        await self._release(keys=[lease_key(room_id)], args=[self.id])
+                    except (coredis.exceptions.RedisError, OSError):
+                        break
+            try:
+                await self.redis.zrem(f"{PREFIX}:instances", [self.id])
+            except (coredis.exceptions.RedisError, OSError):
+                pass
