@@ -75,6 +75,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"signaling-trio: {exc}", file=sys.stderr)
         return 2
     _log.setup(settings.log_level, settings.log_format)
+    if settings.workers > 1:
+        from ._workers import run_workers
+
+        code = run_workers(settings, sys.argv[1:] if argv is None else argv)
+        _log.shutdown()
+        return code
     files = raise_open_files_limit()
     server = SignalingServer(settings)
     try:

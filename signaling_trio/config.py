@@ -44,6 +44,8 @@ class Settings:
     outbox_size: int = 256
     room_inbox_size: int = 256
     shutdown_timeout: float = 4.0
+    workers: int = 1
+    reuse_port: bool = False  # set for --workers' children (SIGNALING_REUSE_PORT=1)
 
     def with_changes(self, **changes: Any) -> "Settings":
         return validate(dataclasses.replace(self, **changes))
@@ -77,6 +79,7 @@ _OPTIONS: list[tuple[str, type, str]] = [
     ("stalled_reader_timeout", float, "seconds a peer's outbox may stay full"),
     ("idle_ping_interval", float, "seconds of silence before the server pings a connection"),
     ("idle_ping_timeout", float, "seconds to wait for the pong before closing"),
+    ("workers", int, "processes sharing the ports (SO_REUSEPORT); more than 1 needs --store redis://"),
 ]
 
 _DEFAULTS = Settings()
@@ -122,6 +125,8 @@ def from_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | No
             values[name] = _convert(name, typ, flag, "--" + name.replace("_", "-"))
         elif env.get(env_name(name)):
             values[name] = _convert(name, typ, env[env_name(name)], env_name(name))
+    if env.get("SIGNALING_REUSE_PORT") == "1":  # set by --workers for its children only
+        values["reuse_port"] = True
     # The v1 deployment's variables select OIDC against Cognito.
     region, pool, client = (env.get(k) for k in ("COGNITO_REGION", "COGNITO_USER_POOL_ID", "COGNITO_APP_CLIENT_ID"))
     if "auth" not in values and region and pool and client:
@@ -154,6 +159,12 @@ def validate(s: Settings) -> Settings:
     for name in positive:
         if getattr(s, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive")
+    if s.workers < 1:
+        raise ConfigError("--workers must be 1 or more")
+    if s.workers > 1 and not s.store.startswith("redis://"):
+        raise ConfigError("--workers above 1 needs --store redis://HOST:PORT/DB (the workers share rooms through Redis)")
+    if s.workers > 1 and 0 in (s.ws_port, s.http_port):
+        raise ConfigError("--workers above 1 needs fixed ports (the workers share them)")
     if s.rate_limit < 0:
         raise ConfigError("--rate-limit must be 0 (off) or positive")
     return s

@@ -65,11 +65,13 @@ def _connect_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-def _bind(host: str, port: int, what: str) -> socket.socket:
+def _bind(host: str, port: int, what: str, *, reuse_port: bool = False) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:  # --workers: the kernel spreads connections over the processes
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((host, port))
         sock.listen(1024)
     except OSError as exc:
@@ -136,9 +138,9 @@ class SignalingServer:
 
     async def _run(self, task_status: trio.TaskStatus[ServerInfo]) -> None:
         s = self.settings
-        ws_sock = _bind(s.host, s.ws_port, "--ws-port")
+        ws_sock = _bind(s.host, s.ws_port, "--ws-port", reuse_port=s.reuse_port)
         try:
-            http_sock = _bind(s.host, s.http_port, "--http-port")
+            http_sock = _bind(s.host, s.http_port, "--http-port", reuse_port=s.reuse_port)
         except ConfigError:
             ws_sock.close()
             raise

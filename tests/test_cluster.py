@@ -189,3 +189,201 @@ async def test_peers_of_a_closed_connection_leave_everywhere(redis):
             assert (await watcher.recv_type("peer_left"))["peer"]["peer_id"] == "passer"
             found = await watcher.request({"type": "discover_peers", "filters": {}})
             assert found["peers"] == []
+
+
+# ------------------------------------------------------------------ faults
+async def discover_ids(peer: Any, filters: dict[str, Any] | None = None) -> list[str] | None:
+    """One discovery; None when no answer comes within a second (a request sent to an
+    owner that just died is lost; the caller asks again)."""
+    await peer.send({"type": "discover_peers", "filters": filters or {}})
+    try:
+        with trio.fail_after(1.0):
+            while True:
+                msg = await peer.recv()
+                if msg["type"] == "peer_list":
+                    return sorted(p["peer_id"] for p in msg["peers"])
+    except trio.TooSlowError:
+        return None
+
+
+@asynccontextmanager
+async def server_process(url: str) -> AsyncIterator[Any]:
+    """A separate `signaling-trio serve` process on this Redis (to be SIGKILLed)."""
+    import subprocess
+    import sys
+    import urllib.request
+
+    from redisproc import free_port
+
+    ws_port, http_port = free_port(), free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "signaling_trio", "serve", "--host", "127.0.0.1", "--ws-port", str(ws_port),
+         "--http-port", str(http_port), "--store", url, "--log-level", "warning"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+
+    def healthy() -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/health", timeout=1) as resp:
+                return resp.status == 200
+        except OSError:
+            return False
+
+    try:
+        with trio.fail_after(20):
+            while not await trio.to_thread.run_sync(healthy):
+                assert proc.poll() is None, "server process exited"
+                await trio.sleep(0.1)
+        proc.ws_url = f"ws://127.0.0.1:{ws_port}/"  # type: ignore[attr-defined]
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=10)
+
+
+async def test_sigkilled_owner_its_room_moves_and_its_peers_vanish(redis):
+    async with instances(redis.url, n=2) as (b, c), server_process(redis.url) as a:
+        room = await b.new_room()
+        async with ws_peer(a.ws_url) as wa, ws_peer(b.ws_url) as cb, ws_peer(c.ws_url) as wc:
+            assert (await register(wa, room, "wa", role="worker"))["type"] == "registered_auth"  # A owns the room
+            assert (await register(cb, room, "cb", role="client"))["type"] == "registered_auth"
+            assert (await register(wc, room, "wc", role="worker", metadata={"properties": {"status": "available"}}))["type"] == "registered_auth"
+            assert await discover_ids(cb) == ["wa", "wc"]
+            assert not b.server.supervisor.rooms and not c.server.supervisor.rooms  # A owns it
+
+            a.kill()  # SIGKILL: no goodbye, its lease lapses by itself
+            killed_at = trio.current_time()
+
+            async def gone() -> bool:
+                return await discover_ids(cb) == ["wc"]
+
+            await eventually(gone, timeout=15)
+            moved_after = trio.current_time() - killed_at
+            assert moved_after < 10, moved_after
+            owners = [s for s in (b, c) if room["room_id"] in s.server.supervisor.rooms]
+            assert len(owners) == 1  # exactly one survivor took the room over
+            # the survivors' peers keep working, metadata included, across instances
+            assert await discover_ids(cb, {"properties": {"status": "available"}}) == ["wc"]
+            await cb.send({"type": "peer_message", "from_peer_id": "cb", "to_peer_id": "wc", "payload": "after"})
+            while (msg := await wc.recv())["type"] != "peer_message":
+                pass
+            assert msg["payload"] == "after" and msg["from_peer_id"] == "cb"
+            assert (await cb.request({"type": "reserve_peer", "to_peer_id": "wc", "duration_sec": 30}))["type"] == "reservation_granted"
+            # the reservation reached wc; and nobody was told to register again (restores
+            # send no second registered_auth)
+            got = await wc.recv_type("peer_reserved")
+            assert got["by"] == "cb"
+            assert await wc.nothing_pending()
+            assert await cb.nothing_pending()
+
+
+async def test_redis_restart_no_ghosts_and_recovery(redis, tmp_path):
+    persistent = RedisServer(data_dir=str(tmp_path))  # rooms survive the restart, as in production
+    persistent.start()
+    try:
+        async with instances(persistent.url, n=2) as (a, b):
+            room = await a.new_room()
+            async with ws_peer(a.ws_url) as x, ws_peer(b.ws_url) as y:
+                await register(x, room, "x")
+                await register(y, room, "y")
+                async with ws_peer(b.ws_url) as z:
+                    await register(z, room, "z")
+                    assert await discover_ids(x) == ["y", "z"]
+                    persistent.stop()
+
+                    async def unhealthy() -> bool:
+                        return [(await s.http("GET", "/health"))[0] for s in (a, b)] == [503, 503]
+
+                    await eventually(unhealthy)
+                    async with ws_peer(b.ws_url) as late:
+                        err = await register(late, room, "late")
+                        assert err["type"] == "error" and err["code"] == "STORE_UNAVAILABLE"
+                # z left while Redis was away (its Leave could not reach the owner)
+                await trio.sleep(5)  # longer than an owner waits for a silent instance
+                persistent.start()
+
+                async def healthy() -> bool:
+                    return [(await s.http("GET", "/health"))[0] for s in (a, b)] == [200, 200]
+
+                await eventually(healthy)
+                # no ghost: z is gone; y (alive all along) is back in the owner's room
+                async def settled() -> bool:
+                    return await discover_ids(x) == ["y"]
+
+                await eventually(settled, timeout=15)
+                await y.send({"type": "peer_message", "from_peer_id": "y", "to_peer_id": "x", "payload": 7})
+                while (msg := await x.recv())["type"] != "peer_message":
+                    pass
+                assert msg["payload"] == 7
+                async with ws_peer(b.ws_url) as late:
+                    assert (await register(late, room, "late"))["type"] == "registered_auth"
+                    assert await discover_ids(late) == ["x", "y"]
+    finally:
+        persistent.stop()
+
+
+async def test_workers_share_the_ports_and_the_rooms(redis):
+    import signal
+    import subprocess
+    import sys
+
+    from redisproc import free_port
+
+    ws_port, http_port = free_port(), free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "signaling_trio", "serve", "--workers", "2", "--host", "127.0.0.1",
+         "--ws-port", str(ws_port), "--http-port", str(http_port), "--store", redis.url, "--log-level", "warning"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        from signaling_trio.server import ServerInfo
+
+        # the test helpers' HTTP calls, pointed at the shared ports (no server object here)
+        front = TestServer(None, ServerInfo("127.0.0.1", ws_port, http_port), None)  # type: ignore[arg-type]
+        ws_url = front.ws_url
+
+        async def both_up() -> bool:
+            try:
+                seen = {(await front.http("GET", "/metrics"))[1]["cluster"]["instances"] for _ in range(4)}
+            except OSError:
+                return False
+            return seen == {2}
+
+        await eventually(both_up, timeout=30, every=0.3)
+        room = await front.new_room()
+        async with AsyncExitStack() as stack:
+            peers = [await stack.enter_async_context(ws_peer(ws_url)) for _ in range(16)]
+            for i, p in enumerate(peers):
+                assert (await register(p, room, f"p{i}"))["type"] == "registered_auth"
+
+            async def spread() -> Any:
+                views = [(await front.http("GET", "/metrics"))[1] for _ in range(8)]
+                by_instance = {v["instance"]: v["open_websockets"] for v in views}
+                return len(by_instance) == 2 and sum(by_instance.values()) == 16 and by_instance
+
+            by_instance = await eventually(spread)
+            assert all(n > 0 for n in by_instance.values())  # the kernel used both workers
+            # every peer reaches the next one, whichever worker each is on
+            for i, p in enumerate(peers):
+                await p.send({"type": "peer_message", "from_peer_id": f"p{i}", "to_peer_id": f"p{(i + 1) % 16}", "payload": i})
+            for i, p in enumerate(peers):
+                got = await p.recv_type("peer_message")
+                assert got["payload"] == (i - 1) % 16
+        proc.send_signal(signal.SIGTERM)
+        assert await trio.to_thread.run_sync(lambda: proc.wait(timeout=15)) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_workers_need_redis_and_fixed_ports():
+    import subprocess
+    import sys
+
+    for extra, says in ((["--store", "memory"], "needs --store redis://"),
+                        (["--store", "redis://127.0.0.1:1/0", "--ws-port", "0"], "needs fixed ports")):
+        out = subprocess.run([sys.executable, "-m", "signaling_trio", "serve", "--workers", "2", *extra],
+                             capture_output=True, text=True, timeout=30)
+        assert out.returncode == 2 and says in out.stderr and len(out.stderr.strip().splitlines()) == 1
