@@ -28,9 +28,10 @@ function nextMessage(ws) {
 // ---------------------------------------------------------------- per-target protocol
 const targets = {
   ours: {
-    async connect(id, meta) {
-      const ws = await open(cfg.ws_url);
-      ws.send(JSON.stringify({ type: "register", peer_id: id, room_id: cfg.room_id, token: cfg.token,
+    async connect(id, meta, where) {
+      // `where` (cluster benchmarks): {url, room_id, token} of this peer's instance and room
+      const ws = await open(where?.url ?? cfg.ws_url);
+      ws.send(JSON.stringify({ type: "register", peer_id: id, room_id: where?.room_id ?? cfg.room_id, token: where?.token ?? cfg.token,
                                id_token: cfg.id_token, role: meta?.role ?? "peer", metadata: meta?.metadata ?? {} }));
       const reply = await nextMessage(ws);
       if (reply.type !== "registered_auth") throw new Error(JSON.stringify(reply));
@@ -67,13 +68,13 @@ function percentile(sorted, p) {
   return sorted[Math.min(sorted.length - 1, Math.floor((p / 100) * sorted.length))];
 }
 
-async function connectMany(n, prefix, metaFn, concurrency = 200) {
+async function connectMany(n, prefix, metaFn, concurrency = 200, whereFn = undefined) {
   const out = new Array(n);
   let i = 0;
   async function worker() {
     while (i < n) {
       const k = i++;
-      out[k] = await T.connect(`${prefix}${k}`, metaFn ? metaFn(k) : undefined);
+      out[k] = await T.connect(`${prefix}${k}`, metaFn ? metaFn(k) : undefined, whereFn ? whereFn(k) : undefined);
     }
   }
   await Promise.all(Array.from({ length: Math.min(concurrency, n) }, worker));
@@ -92,8 +93,10 @@ async function measureWindow(set) {
 // ---------------------------------------------------------------- scenarios
 async function relay() {
   const P = cfg.pairs, W = cfg.inflight;
-  const a = await connectMany(P, `a${cfg.tag ?? ""}-`);
-  const b = await connectMany(P, `b${cfg.tag ?? ""}-`);
+  // cluster benchmarks: side a on ws_url, side b on ws_url_b; pair i in rooms[i % n]
+  const where = (url) => cfg.rooms ? (k) => ({ url, ...cfg.rooms[k % cfg.rooms.length] }) : undefined;
+  const a = await connectMany(P, `a${cfg.tag ?? ""}-`, undefined, 200, where(cfg.ws_url));
+  const b = await connectMany(P, `b${cfg.tag ?? ""}-`, undefined, 200, where(cfg.ws_url_b ?? cfg.ws_url));
   let delivered = 0, measuring = false;
   const rtts = [];
   for (let i = 0; i < P; i++) {

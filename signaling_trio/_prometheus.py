@@ -71,6 +71,14 @@ class _ServerCollector:
         yield limits
         yield counter("signaling_signals_dropped", "offer/answer/candidate to a peer not in the room", m.dropped_signals)
         yield counter("signaling_room_crashes", "Room actors that died of a bug", m.room_crashes)
+        if s.cluster is not None:  # --store redis: the whole cluster, and traffic between instances
+            view = s.cluster.view
+            yield gauge("signaling_cluster_instances", "Live instances on this Redis", view["instances"])
+            yield gauge("signaling_cluster_rooms", "Live rooms, all instances", view["active_rooms"])
+            yield gauge("signaling_cluster_peers", "Registered peers, all instances", view["active_connections"])
+            yield counter("signaling_cluster_items_sent", "Items published to other instances", m.cluster_sent)
+            yield counter("signaling_cluster_items_received", "Items received from other instances", m.cluster_received)
+            yield counter("signaling_cluster_items_dropped", "Items to other instances dropped (queue full, Redis away)", m.cluster_drops)
         depths = [a.queue_depth() for a in sup.rooms.values()]
         yield gauge("signaling_room_inbox_depth_max", "Deepest room actor inbox now", max(depths, default=0))
         yield gauge("signaling_room_inbox_depth_sum", "Commands waiting in all room actor inboxes", sum(depths))

@@ -29,3 +29,19 @@ async def test_every_scenario_runs(tmp_path):
                 "discover_100_broad_1", "discover_100_broad_4", "discover_100_selective", "discover_200_selective", "presence events/s"):
         assert row in table, row
     assert "n/a" not in table.split("\n", 3)[3]  # every figure was measured
+
+
+async def test_cluster_benchmark_runs(tmp_path):
+    if shutil.which("node") is None or shutil.which("redis-server") is None:
+        if os.environ.get("CI"):
+            pytest.fail("node and redis-server are needed for the cluster benchmark smoke run")
+        pytest.skip("node or redis-server not installed (the cluster benchmark needs both)")
+    with trio.fail_after(300):
+        proc = await trio.run_process(
+            [sys.executable, os.path.join(ROOT, "benchmarks", "cluster.py"), "--quick", "--out", str(tmp_path)],
+            capture_stdout=True, capture_stderr=True, check=False, cwd=os.path.join(ROOT, "benchmarks"),
+        )
+    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+    table = (tmp_path / "cluster.md").read_text()
+    for row in ("same instance", "across 2 instances", "--workers 1", "--workers 2", "workers 2 / 1"):
+        assert row in table, row

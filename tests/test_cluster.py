@@ -10,6 +10,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any, AsyncIterator
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 import trio
 import trio.testing
 
@@ -165,6 +166,11 @@ async def test_http_and_cluster_metrics_cross_instances(redis):
             views = await eventually(summed)
             assert sum(v["active_rooms"] for v in views) == 1  # one owner
             assert len({v["instance"] for v in views}) == 3
+            status, headers, text = await b.http_raw("GET", "/metrics", {"Accept": "text/plain"})
+            families = {f.name: f for f in text_string_to_metric_families(text.decode())}
+            assert families["signaling_cluster_peers"].samples[0].value == 3
+            assert families["signaling_cluster_instances"].samples[0].value == 3
+            assert families["signaling_cluster_items_received"].samples[0].value > 0
 
             # a peer registered on C (not the creator) may extend the room, asked on B
             status, body = await b.http("POST", "/extend-room", {"room_id": room["room_id"], "ttl_sec": 600},
