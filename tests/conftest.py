@@ -10,6 +10,7 @@ from typing import Any, AsyncIterator
 
 import pytest
 import trio
+import trio.testing
 from trio_websocket import ConnectionClosed, open_websocket_url
 
 from signaling_trio.testing import TestServer
@@ -86,3 +87,35 @@ def server(signaling_server: TestServer) -> TestServer:
 @pytest.fixture
 async def room(server: TestServer) -> dict[str, Any]:
     return await server.new_room()
+
+
+@pytest.fixture
+def redis():
+    """A real redis-server on a free port (tests/redisproc.py), stopped after the test."""
+    from redisproc import RedisServer
+
+    server = RedisServer()
+    server.start()
+    yield server
+    server.stop()
+
+
+async def race_to_reserve(clients: list[WsPeer], target: str) -> tuple[list[int], list[dict[str, Any]]]:
+    """Every client sends reserve_peer for `target` at the same moment; returns the
+    indexes of the winners and the error answers of the others."""
+    results: dict[int, dict[str, Any]] = {}
+    go = trio.Event()
+
+    async def race(i: int, c: WsPeer) -> None:
+        await go.wait()
+        results[i] = await c.request({"type": "reserve_peer", "to_peer_id": target, "duration_sec": 60,
+                                      "filters": {"unreserved": True}})
+
+    async with trio.open_nursery() as n:
+        for i, c in enumerate(clients):
+            n.start_soon(race, i, c)
+        await trio.testing.wait_all_tasks_blocked()
+        go.set()
+    winners = [i for i, r in results.items() if r["type"] == "reservation_granted"]
+    losers = [r for r in results.values() if r["type"] == "error"]
+    return winners, losers

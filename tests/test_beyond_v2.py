@@ -7,7 +7,7 @@ from contextlib import AsyncExitStack
 import trio
 import trio.testing
 
-from conftest import register, ws_peer
+from conftest import race_to_reserve, register, ws_peer
 
 
 async def test_fifty_clients_race_for_one_worker(server, room):
@@ -20,21 +20,7 @@ async def test_fifty_clients_race_for_one_worker(server, room):
         # every client saw the worker available...
         for c in clients:
             assert (await c.request({"type": "discover_peers", "filters": {"role": "worker", "unreserved": True}}))["count"] == 1
-        results: dict[int, dict] = {}
-        go = trio.Event()
-
-        async def race(i, c):
-            await go.wait()
-            results[i] = await c.request({"type": "reserve_peer", "to_peer_id": "worker", "duration_sec": 60,
-                                          "filters": {"unreserved": True}})
-
-        async with trio.open_nursery() as n:
-            for i, c in enumerate(clients):
-                n.start_soon(race, i, c)
-            await trio.testing.wait_all_tasks_blocked()
-            go.set()
-        winners = [i for i, r in results.items() if r["type"] == "reservation_granted"]
-        losers = [r for r in results.values() if r["type"] == "error"]
+        winners, losers = await race_to_reserve(clients, "worker")
         assert len(winners) == 1
         assert len(losers) == 49 and {r["code"] for r in losers} <= {"PEER_RESERVED", "PRECONDITION_FAILED"}
         told = await worker.recv()

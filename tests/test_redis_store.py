@@ -10,16 +10,8 @@ import pytest
 import trio
 
 from conftest import register, ws_peer
-from redisproc import RedisServer, free_port
+from redisproc import free_port
 from signaling_trio.testing import open_test_server
-
-
-@pytest.fixture
-def redis():
-    server = RedisServer()
-    server.start()
-    yield server
-    server.stop()
 
 
 async def test_two_instances_share_rooms_and_tokens(redis):
