@@ -38,7 +38,7 @@ import trio
 from coredis.retry import NoRetryPolicy
 
 from ._log import event
-from ._rooms import Leave, Message, Register, RoomActor
+from ._rooms import Call, Leave, Message, Register, RoomActor
 from .protocol import errors as E
 from .protocol import metadata as md
 from .protocol.messages import decode, dumps
@@ -58,6 +58,8 @@ LINK_QUEUE = 20000  # items queued for one destination instance before drops
 PUBLISH_BATCH = 512
 STATS_EVERY = 2.0
 REDIS_TIMEOUT = 2.0
+CARRY_WINDOW = 10.0  # after a room moved, how long its old subscriptions/reservations wait for their peers
+MAX_FACTS_BYTES = 256 * 1024  # beyond this a room's saved facts leave out who-knows-whom lists
 
 # The owner of a room's lease, taking it when nobody has it; renewing it when we do.
 ACQUIRE = """
@@ -77,6 +79,10 @@ return 0
 
 def lease_key(room_id: str) -> str:
     return f"{PREFIX}:lease:{{{room_id}}}"  # same hash slot as the room's record
+
+
+def facts_key(room_id: str) -> str:
+    return f"{PREFIX}:facts:{{{room_id}}}"
 
 
 def channel_of(instance: str) -> str:
@@ -376,6 +382,9 @@ class Cluster:
         self.view: dict[str, Any] = {"instances": 1, "active_rooms": 0, "active_connections": 0,
                                      "peers_by_role": {}}
         self._chores_send, self._chores_recv = trio.open_memory_channel[tuple[str, str]](10000)
+        # rooms whose subscriptions/reservations changed (None: the room ended, forget them)
+        self._dirty: dict[str, RoomActor | None] = {}
+        self._dirty_event = trio.Event()
         self._nursery: trio.Nursery | None = None
         self._acquire = redis.register_script(ACQUIRE)
         self._release = redis.register_script(RELEASE)
@@ -391,6 +400,7 @@ class Cluster:
                 nursery.start_soon(self._renew_loop)
                 nursery.start_soon(self._stats_loop)
                 nursery.start_soon(self._chores)
+                nursery.start_soon(self._facts_writer)
                 event(logging.INFO, "cluster joined", instance=self.id)
                 task_status.started()
         finally:
@@ -618,7 +628,13 @@ class Cluster:
         """Point the link at the room's (new) owner and move its members there."""
         if owner == self.id:
             if link.actor is None:
-                link.actor = self.supervisor.rooms.get(link.room_id) or self.supervisor.room(link.room_id)
+                actor = self.supervisor.rooms.get(link.room_id)
+                if actor is None:
+                    actor = self.supervisor.room(link.room_id)
+                    actor.on_facts = self._facts_changed
+                    actor.facts_loaded = False
+                    self.spawn(self._load_facts, actor)
+                link.actor = actor
                 link.owner = owner
                 link.restore_all()
             return
@@ -649,6 +665,65 @@ class Cluster:
         for key in [k for k in self.remote if k[0] == room_id]:
             del self.remote[key]
             self.heard.pop(key, None)
+        if actor.on_facts is not None:
+            self._dirty[room_id] = None  # the room ended here: its facts go too
+            self._dirty_event.set()
+
+    # ------------------------------------------------------ room facts
+    # Subscriptions and reservations live in the owner's actor. Saved to Redis when they
+    # change, they let the next owner carry them on if this instance dies.
+    def _facts_changed(self, actor: RoomActor) -> None:
+        self._dirty[actor.room_id] = actor
+        self._dirty_event.set()
+
+    async def _load_facts(self, actor: RoomActor) -> None:
+        """A room starting here: if it lived elsewhere before (its owner died), take over
+        what its peers cannot rebuild by registering again."""
+        facts = None
+        try:
+            with trio.fail_after(REDIS_TIMEOUT):
+                raw = await self.redis.get(facts_key(actor.room_id))
+            facts = orjson.loads(raw) if raw else None
+        except (coredis.exceptions.RedisError, trio.TooSlowError, OSError, orjson.JSONDecodeError):
+            pass
+        if facts:
+            event(logging.INFO, "room facts carried", room_id=actor.room_id,
+                  subscriptions=len(facts.get("subs") or {}), reservations=len(facts.get("res") or {}))
+            reply, _ = trio.open_memory_channel[Any](1)
+            await self._to_actor(actor, Call("carry", (facts, trio.current_time(), CARRY_WINDOW), reply))
+        actor.facts_loaded = True
+        self._facts_changed(actor)  # what changed meanwhile is saved now
+
+    async def _facts_writer(self) -> None:
+        while True:
+            await self._dirty_event.wait()
+            self._dirty_event = trio.Event()
+            dirty, self._dirty = self._dirty, {}
+            for room_id, actor in dirty.items():
+                if actor is not None and (not actor.facts_loaded or self.supervisor.rooms.get(room_id) is not actor):
+                    continue  # not loaded yet (it marks itself again), or no longer ours
+                try:
+                    with trio.fail_after(REDIS_TIMEOUT):
+                        if actor is None:
+                            await self.redis.delete([facts_key(room_id)])
+                            continue
+                        facts = actor.state.facts()
+                        if not facts["subs"] and not facts["res"]:
+                            await self.redis.delete([facts_key(room_id)])
+                            continue
+                        data = orjson.dumps(facts)
+                        if len(data) > MAX_FACTS_BYTES:
+                            for sub in facts["subs"].values():
+                                sub["m"] = []
+                            data = orjson.dumps(facts)
+                        await self.redis.set(facts_key(room_id), data.decode(), ex=86400)
+                except (coredis.exceptions.RedisError, trio.TooSlowError, OSError):
+                    self._dirty.setdefault(room_id, actor)  # try again with the next change or in 1 s
+                    self.spawn(self._poke_later)
+
+    async def _poke_later(self) -> None:
+        await trio.sleep(1.0)
+        self._dirty_event.set()
 
     async def _relocate(self, link: RoomLink) -> None:
         try:

@@ -80,6 +80,7 @@ CALLS: dict[str, Callable[..., Any]] = {
     "peer_sub": RoomState.peer_sub,
     "count": lambda state: len(state.peers),
     "kick": _kick,  # Effects: applied by the actor, the caller gets None
+    "carry": RoomState.carry,  # (facts, now, window): the room moved here; Effects
 }
 
 
@@ -101,6 +102,10 @@ class RoomActor:
         self.inbox, self._receive = trio.open_memory_channel[Command](settings.room_inbox_size)
         self.metrics = supervisor.metrics
         self._scope = trio.CancelScope()
+        # with a cluster: told when subscriptions or reservations changed (to save them)
+        self.on_facts: Callable[[RoomActor], None] | None = None
+        self.facts_loaded = True
+        self._facts_seen = 0
 
     def abandon(self) -> None:
         """Stop at once without telling anyone: the room now lives on another instance."""
@@ -143,8 +148,11 @@ class RoomActor:
                     except trio.WouldBlock:
                         break
                     self._dispatch(cmd, now)
-            if state.deadlines:
+            if state.deadlines or state.carry_deadline is not None:
                 self._apply(state.expire(now))
+            if self.on_facts is not None and state.facts_version != self._facts_seen:
+                self._facts_seen = state.facts_version
+                self.on_facts(self)
             if state.empty and receive.statistics().current_buffer_used == 0:
                 return  # retire: an empty room's live state is dropped
 

@@ -227,37 +227,60 @@ async def server_process(url: str) -> AsyncIterator[Any]:
 async def test_sigkilled_owner_its_room_moves_and_its_peers_vanish(redis):
     async with instances(redis.url, n=2) as (b, c), server_process(redis.url) as a:
         room = await b.new_room()
-        async with ws_peer(a.ws_url) as wa, ws_peer(b.ws_url) as cb, ws_peer(c.ws_url) as wc:
+        async with ws_peer(a.ws_url) as wa, ws_peer(b.ws_url) as cb, ws_peer(c.ws_url) as wc, ws_peer(c.ws_url) as cc:
             assert (await register(wa, room, "wa", role="worker"))["type"] == "registered_auth"  # A owns the room
             assert (await register(cb, room, "cb", role="client"))["type"] == "registered_auth"
             assert (await register(wc, room, "wc", role="worker", metadata={"properties": {"status": "available"}}))["type"] == "registered_auth"
-            assert await discover_ids(cb) == ["wa", "wc"]
+            assert (await register(cc, room, "cc", role="client"))["type"] == "registered_auth"
             assert not b.server.supervisor.rooms and not c.server.supervisor.rooms  # A owns it
+            # cb watches the workers and holds wc: state that lives in the owner's actor
+            subscribed = await cb.request({"type": "subscribe", "filters": {"role": "worker"}})
+            assert sorted(p["peer_id"] for p in subscribed["peers"]) == ["wa", "wc"]
+            assert (await cb.request({"type": "reserve_peer", "to_peer_id": "wc", "duration_sec": 300}))["type"] == "reservation_granted"
+            assert (await wc.recv_type("peer_reserved"))["by"] == "cb"
+            assert (await cb.recv_type("peer_updated"))["peer"]["reserved_by"] == "cb"  # its own subscription
+            assert await discover_ids(cc) == ["cb", "wa", "wc"]
+            await trio.sleep(0.3)  # the owner saves subscriptions and reservations within milliseconds
 
             a.kill()  # SIGKILL: no goodbye, its lease lapses by itself
             killed_at = trio.current_time()
 
             async def gone() -> bool:
-                return await discover_ids(cb) == ["wc"]
+                return await discover_ids(cc) == ["cb", "wc"]
 
             await eventually(gone, timeout=15)
             moved_after = trio.current_time() - killed_at
             assert moved_after < 10, moved_after
             owners = [s for s in (b, c) if room["room_id"] in s.server.supervisor.rooms]
             assert len(owners) == 1  # exactly one survivor took the room over
-            # the survivors' peers keep working, metadata included, across instances
-            assert await discover_ids(cb, {"properties": {"status": "available"}}) == ["wc"]
+            # the reservation moved with the room: wc is still cb's, for everyone
+            (w,) = (await cc.request({"type": "discover_peers", "filters": {"role": "worker"}}))["peers"]
+            assert w["peer_id"] == "wc" and w["reserved_by"] == "cb"
+            err = await cc.request({"type": "reserve_peer", "to_peer_id": "wc", "duration_sec": 30})
+            assert err["type"] == "error" and err["code"] == "PEER_RESERVED"
+            # the subscription moved too: cb hears that wa is gone for good, nothing else
+            # but wc's updates, and never a second registered_auth or subscribed
+            with trio.fail_after(20):
+                while True:
+                    event = await cb.recv(timeout=20)
+                    assert event["type"] in ("peer_updated", "peer_left"), event
+                    if event["type"] == "peer_left":
+                        assert event["peer"]["peer_id"] == "wa"
+                        break
+                    assert event["peer"]["peer_id"] == "wc"
+            # and keeps working: wc's next update reaches cb's subscription
+            await wc.request({"type": "update_metadata", "metadata": {"properties": {"status": "busy"}}})
+            while (event := await cb.recv())["type"] != "peer_updated" or event["peer"]["metadata"]["properties"]["status"] != "busy":
+                assert event["type"] == "peer_updated", event
+            # messages across the survivors, and cb releases what it held
             await cb.send({"type": "peer_message", "from_peer_id": "cb", "to_peer_id": "wc", "payload": "after"})
             while (msg := await wc.recv())["type"] != "peer_message":
                 pass
             assert msg["payload"] == "after" and msg["from_peer_id"] == "cb"
-            assert (await cb.request({"type": "reserve_peer", "to_peer_id": "wc", "duration_sec": 30}))["type"] == "reservation_granted"
-            # the reservation reached wc; and nobody was told to register again (restores
-            # send no second registered_auth)
-            got = await wc.recv_type("peer_reserved")
-            assert got["by"] == "cb"
-            assert await wc.nothing_pending()
-            assert await cb.nothing_pending()
+            await cb.send({"type": "release_peer", "to_peer_id": "wc"})
+            assert (await cb.recv_type("peer_updated"))["peer"].get("reserved_by") is None  # its subscription first
+            assert await cb.recv() == {"type": "reservation_released", "peer_id": "wc"}
+            assert (await wc.recv_type("peer_released"))["by"] == "cb"
 
 
 async def test_redis_restart_no_ghosts_and_recovery(redis, tmp_path):

@@ -29,9 +29,9 @@ class Room:
             self.closed[conn] = (code, reason)
         return fx
 
-    def reg(self, conn, peer_id=None, sub=None, role="peer", metadata=None):
+    def reg(self, conn, peer_id=None, sub=None, role="peer", metadata=None, announce=True):
         return self._take(self.state.register(conn, peer_id=peer_id or conn, sub=sub or conn, role=role,
-                                              metadata=metadata or {}, token="t", now=self.now))
+                                              metadata=metadata or {}, token="t", now=self.now, announce=announce))
 
     def send(self, conn, msg):
         return self._take(self.state.handle(conn, msg, json.dumps(msg), self.now))
@@ -330,3 +330,59 @@ QUERIES = [
     {"properties": {"n": {"$gte": 10}}, "unreserved": True},
     {"tags": ["4", "7"]},
 ]
+
+
+# ------------------------------------------------------- a room moving instances
+def test_facts_carry_subscriptions_and_reservations_to_the_next_room():
+    old = Room()
+    old.reg("c", role="client")
+    old.reg("w1", role="worker")
+    old.reg("w2", role="worker")
+    old.send("c", {"type": "subscribe", "filters": {"role": "worker"}})
+    old.send("c", {"type": "reserve_peer", "to_peer_id": "w1", "duration_sec": 100})
+    granted = [m for m in old.pop("c") if m["type"] == "reservation_granted"][0]
+    facts = json.loads(json.dumps(old.state.facts()))  # plain JSON, as saved in Redis
+    assert facts == {"subs": {"c": {"f": {"role": "worker"}, "m": ["w1", "w2"]}},
+                     "res": {"w1": ["c", granted["reserved_until"]]}}
+
+    # the next instance: w1 and c come back (restores), w2 died with the old instance
+    new = Room()
+    new.now = 10.0
+    new._take(new.state.carry(facts, new.now, window=5.0))
+    new.reg("w1", role="worker", announce=False)
+    new.reg("c", role="client", announce=False)
+    # restored peers are told nothing (no registered_auth, no subscribed, no peer_reserved);
+    # c's subscription sees w1's view change (reserved again) as an update of a peer it knew
+    assert new.pop("w1") == []
+    c_msgs = new.pop("c")
+    assert [(m["type"], m["peer"]["peer_id"]) for m in c_msgs] == [("peer_updated", "w1")]
+    new.reg("w3", role="worker")  # a newcomer, registered the normal way
+    # the reservation holds, with its deadline: nobody else gets w1
+    w1 = new.state.peers["w1"]
+    assert (w1.reserved_by, w1.reserved_until) == ("c", granted["reserved_until"])
+    new.reg("x", role="client")
+    err = new.send("x", {"type": "reserve_peer", "to_peer_id": "w1", "duration_sec": 10})
+    assert new.last("x")["code"] == "PEER_RESERVED" and err.errors
+    # c's subscription carried on: w3 joined after it was restored
+    assert [(m["type"], m["peer"]["peer_id"]) for m in new.pop("c")] == [("peer_joined", "w3")]
+    # window over: w2 never came back, c hears it left
+    new.tick(15.0)
+    assert new.pop("c") == [{"type": "peer_left", "peer": {"peer_id": "w2"}}]
+    # the reservation still expires on time (old deadline: 100 s after it was granted at 0)
+    new.tick(old.state.wall_offset - new.state.wall_offset + 100.0)
+    assert new.state.peers["w1"].reserved_by is None
+
+
+def test_carried_facts_apply_only_to_restored_peers():
+    old = Room()
+    old.reg("c", role="client")
+    old.reg("w", role="worker")
+    old.send("c", {"type": "subscribe", "filters": {}})
+    old.send("c", {"type": "reserve_peer", "to_peer_id": "w", "duration_sec": 100})
+    facts = old.state.facts()
+    new = Room()
+    new._take(new.state.carry(facts, 0.0, window=5.0))
+    new.reg("c", role="client")  # a fresh register (say, a new client reusing the id)
+    new.reg("w", role="worker")
+    assert new.state.subscribers == {} and new.state.peers["w"].reserved_by is None
+    assert new.state.carry(["not", "facts"], 0.0, window=5.0).sends == []  # junk is ignored

@@ -30,7 +30,7 @@ class Peer:
     __slots__ = (
         "peer_id", "conn", "sub", "role", "metadata", "tags", "properties",
         "connected_at", "reserved_by", "reserved_until", "reserve_deadline",
-        "holding", "subscription", "sub_matches", "_public_json", "seq",
+        "holding", "subscription", "sub_filters", "sub_matches", "_public_json", "seq",
     )
 
     def __init__(self, peer_id: str, conn: Conn, sub: str, connected_at: float) -> None:
@@ -47,6 +47,7 @@ class Peer:
         self.reserve_deadline: float | None = None
         self.holding: set[str] = set()
         self.subscription: Filter | None = None
+        self.sub_filters: Any = None  # as the peer sent them (carried when the room moves)
         self.sub_matches: set[str] = set()
         self._public_json: str | None = None
         self.seq = 0
@@ -147,6 +148,11 @@ class RoomState:
         self._by_role: dict[str, dict[str, Peer]] = {}
         self._by_prop: dict[str, dict[Any, dict[str, Peer]]] = {}
         self._queries: OrderedDict[bytes, list[Any]] = OrderedDict()
+        # Subscriptions and reservations, the state a room carries when it moves to another
+        # instance (see `facts`/`carry`): bumped whenever they change.
+        self.facts_version = 0
+        self.carried: dict[str, Any] | None = None
+        self.carry_deadline: float | None = None
 
     # ---------------------------------------------------------------- queries
     @property
@@ -154,7 +160,10 @@ class RoomState:
         return not self.peers
 
     def next_deadline(self) -> float | None:
-        return min(self.deadlines.values()) if self.deadlines else None
+        soonest = min(self.deadlines.values()) if self.deadlines else None
+        if self.carry_deadline is not None and (soonest is None or self.carry_deadline < soonest):
+            return self.carry_deadline
+        return soonest
 
     def peer_sub(self, peer_id: str) -> str | None:
         peer = self.peers.get(peer_id)
@@ -232,7 +241,101 @@ class RoomState:
                 {"type": "registered_auth", "room_id": self.room_id, "token": token, "peer_id": peer_id},
             )
         self._notify(peer, fx, "joined" if joined else "changed")
+        if not announce and self.carried is not None:
+            self._restore_facts(peer, now, fx)
         return fx
+
+    # ------------------------------------------------------- moving rooms
+    def facts(self) -> dict[str, Any]:
+        """What a room's peers cannot rebuild by registering again: who subscribed to
+        what (and which peers each subscriber knows of), and who holds whom until when
+        (Unix seconds). Plain JSON data; `carry` takes it on the room's next instance."""
+        subs = {
+            p.peer_id: {"f": p.sub_filters, "m": sorted(p.sub_matches)}
+            for p in self.subscribers.values()
+        }
+        res = {
+            p.peer_id: [p.reserved_by, p.reserved_until]
+            for p in self.peers.values() if p.reserved_by is not None
+        }
+        return {"subs": subs, "res": res}
+
+    def carry(self, facts: dict[str, Any], now: float, window: float) -> Effects:
+        """Take over the facts of this room's previous life (its instance died). They
+        apply to each peer as it is restored (register with announce=False) for `window`
+        seconds; then subscribers hear `peer_left` for the peers that never came back."""
+        fx = Effects()
+        if not isinstance(facts, dict):
+            return fx
+        self.carried = {"subs": dict(facts.get("subs") or {}), "res": dict(facts.get("res") or {}),
+                        "restored": set()}
+        self.carry_deadline = now + window
+        # peers restored before the facts arrived (they are fetched while restores run)
+        for peer in sorted(self.peers.values(), key=_by_seq):
+            self._restore_facts(peer, now, fx)
+        return fx
+
+    def _restore_facts(self, peer: Peer, now: float, fx: Effects) -> None:
+        carried = self.carried
+        assert carried is not None
+        carried["restored"].add(peer.peer_id)
+        sub = carried["subs"].pop(peer.peer_id, None)
+        if sub is not None and peer.subscription is None:
+            try:
+                flt, matches = self.query(sub.get("f"))
+            except E.ProtocolError:
+                flt = None
+            if flt is not None:
+                known = set(sub.get("m") or ())
+                peer.subscription = flt
+                peer.sub_filters = sub.get("f")
+                self.subscribers[peer.peer_id] = peer
+                self.facts_version += 1
+                # peers it knew stay known (restored later: peer_updated, or peer_left if
+                # they changed); what changed while the room moved is told now
+                for other in matches.values():
+                    if other is not peer and other.peer_id not in known:
+                        fx.send(peer.conn, _event("peer_joined", other))
+                for pid in list(known):
+                    other = self.peers.get(pid)
+                    if other is not None and pid not in matches:
+                        known.discard(pid)
+                        fx.send(peer.conn, _event("peer_left", other))
+                peer.sub_matches = known
+        # reservations whose holder and target are both back, and still running
+        for target_id, entry in list(carried["res"].items()):
+            try:
+                holder_id, until = entry
+                until = float(until)
+            except (TypeError, ValueError):
+                del carried["res"][target_id]
+                continue
+            if target_id not in carried["restored"] or holder_id not in carried["restored"]:
+                continue
+            del carried["res"][target_id]
+            target, holder = self.peers.get(target_id), self.peers.get(holder_id)
+            deadline = until - self.wall_offset
+            if target is None or holder is None or target.reserved_by is not None or deadline <= now:
+                continue
+            target.reserved_by = holder_id
+            target.reserved_until = until
+            target.reserve_deadline = deadline
+            target.touch()
+            self.version += 1
+            self.facts_version += 1
+            holder.holding.add(target_id)
+            self.deadlines[target_id] = deadline
+            self._notify(target, fx, "changed")
+
+    def _end_carry(self, fx: Effects) -> None:
+        """The window is over: peers that did not come back are gone for good."""
+        self.carried = None
+        self.carry_deadline = None
+        for sub in list(self.subscribers.values()):
+            for pid in [p for p in sub.sub_matches if p not in self.peers]:
+                sub.sub_matches.discard(pid)
+                fx.send(sub.conn, '{"type":"peer_left","peer":%s}' % dumps({"peer_id": pid}))
+                self.facts_version += 1
 
     # ---------------------------------------------------------------- messages
     def handle(self, conn: Conn, msg: dict[str, Any], raw: str, now: float) -> Effects:
@@ -401,8 +504,10 @@ class RoomState:
         flt, matches = self.query(msg.get("filters"))
         found = [p for p in matches.values() if p is not peer]
         peer.subscription = flt
+        peer.sub_filters = msg.get("filters")
         peer.sub_matches = {p.peer_id for p in found}
         self.subscribers[peer.peer_id] = peer
+        self.facts_version += 1
         fx.send(peer.conn, _peer_list("subscribed", {}, found))
 
     def _unsubscribe(self, peer: Peer, msg: dict[str, Any], raw: str, now: float, fx: Effects) -> None:
@@ -410,9 +515,11 @@ class RoomState:
         fx.send(peer.conn, {"type": "unsubscribed"})
 
     def _drop_subscription(self, peer: Peer) -> None:
+        if self.subscribers.pop(peer.peer_id, None) is not None:
+            self.facts_version += 1
         peer.subscription = None
+        peer.sub_filters = None
         peer.sub_matches = set()
-        self.subscribers.pop(peer.peer_id, None)
 
     def _notify(self, changed: Peer, fx: Effects, kind: str) -> None:
         """Tell every subscriber but `changed` itself how its match set moved."""
@@ -424,11 +531,13 @@ class RoomState:
             now_matches = kind != "left" and sub.subscription.matches(changed)  # type: ignore[union-attr]
             if now_matches and not was:
                 sub.sub_matches.add(pid)
+                self.facts_version += 1
                 fx.send(sub.conn, _event("peer_joined", changed))
             elif now_matches:
                 fx.send(sub.conn, _event("peer_updated", changed))
             elif was:
                 sub.sub_matches.discard(pid)
+                self.facts_version += 1
                 fx.send(sub.conn, _event("peer_left", changed))
 
     # ---------------------------------------------------------- reservations
@@ -473,6 +582,7 @@ class RoomState:
         self.version += 1
         peer.holding.add(to)
         self.deadlines[to] = deadline
+        self.facts_version += 1
         fx.send(peer.conn, {"type": "reservation_granted", "peer_id": to, "reserved_until": until})
         fx.send(target.conn, {"type": "peer_reserved", "by": peer.peer_id, "reserved_until": until})
         self._notify(target, fx, "changed")
@@ -502,6 +612,7 @@ class RoomState:
         target.reserve_deadline = None
         target.touch()
         self.version += 1
+        self.facts_version += 1
         self.deadlines.pop(target.peer_id, None)
         fx.send(target.conn, {"type": "peer_released", "by": holder_id, "reason": reason})
         self._notify(target, fx, "changed")
@@ -511,6 +622,8 @@ class RoomState:
         for target_id, deadline in list(self.deadlines.items()):
             if deadline <= now:
                 self._release(self.peers[target_id], "expired", fx)
+        if self.carry_deadline is not None and self.carry_deadline <= now:
+            self._end_carry(fx)
         return fx
 
     def _ping(self, peer: Peer, msg: dict[str, Any], raw: str, now: float, fx: Effects) -> None:
