@@ -56,6 +56,7 @@ TAKEOVER_AFTER = 1.5  # a lease missing this long (its owner could have renewed)
 REPLY_TIMEOUT = 5.0  # longest wait for another instance's answer
 LINK_QUEUE = 20000  # items queued for one destination instance before drops
 PUBLISH_BATCH = 512
+OUTLINK_IDLE = 60.0  # a publisher task with nothing to send for this long ends
 STATS_EVERY = 2.0
 REDIS_TIMEOUT = 2.0
 CARRY_WINDOW = 10.0  # after a room moved, how long its old subscriptions/reservations wait for their peers
@@ -97,8 +98,10 @@ class Outlink:
         self.target = target
         self.channel = channel_of(target)
         self._send, self._recv = trio.open_memory_channel[list[Any]](LINK_QUEUE)
+        self.last_put = trio.current_time()
 
     def put(self, item: list[Any]) -> None:
+        self.last_put = trio.current_time()
         try:
             self._send.send_nowait(item)
         except trio.WouldBlock:
@@ -108,6 +111,10 @@ class Outlink:
 
     def queued(self) -> int:
         return self._recv.statistics().current_buffer_used
+
+    def close(self) -> None:
+        """Idle: end the publisher task (a later put() goes through a new Outlink)."""
+        self._send.close()
 
     async def run(self) -> None:
         cluster = self.cluster
@@ -699,6 +706,7 @@ class Cluster:
             await self._dirty_event.wait()
             self._dirty_event = trio.Event()
             dirty, self._dirty = self._dirty, {}
+            failed = False
             for room_id, actor in dirty.items():
                 if actor is not None and (not actor.facts_loaded or self.supervisor.rooms.get(room_id) is not actor):
                     continue  # not loaded yet (it marks itself again), or no longer ours
@@ -718,12 +726,11 @@ class Cluster:
                             data = orjson.dumps(facts)
                         await self.redis.set(facts_key(room_id), data.decode(), ex=86400)
                 except (coredis.exceptions.RedisError, trio.TooSlowError, OSError):
-                    self._dirty.setdefault(room_id, actor)  # try again with the next change or in 1 s
-                    self.spawn(self._poke_later)
-
-    async def _poke_later(self) -> None:
-        await trio.sleep(1.0)
-        self._dirty_event.set()
+                    self._dirty.setdefault(room_id, actor)
+                    failed = True
+            if failed:
+                await trio.sleep(1.0)  # Redis is away: retry in a second
+                self._dirty_event.set()
 
     async def _relocate(self, link: RoomLink) -> None:
         try:
@@ -764,6 +771,10 @@ class Cluster:
                 else:
                     link.missing_since = None
                     self.outlink(owner).put(["H", room_id, list(link.members)])
+            for instance, out in list(self.outlinks.items()):
+                if now - out.last_put > OUTLINK_IDLE and not out.queued():
+                    del self.outlinks[instance]  # e.g. an instance that is gone
+                    out.close()
             for key, last in list(self.heard.items()):
                 if now - last < SILENT_AFTER:
                     continue
