@@ -29,7 +29,7 @@ from __future__ import annotations
 import itertools
 import logging
 import secrets
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import coredis
 import coredis.exceptions
@@ -236,8 +236,12 @@ class RoomLink:
         actor = self.actor
         if actor is not None:
             cmd = self._local(cmd)
-            actor.inbox.send_nowait(cmd)
-            self._track(cmd)
+            undo = self._track(cmd)  # before the send: the actor may answer before we resume
+            try:
+                actor.inbox.send_nowait(cmd)
+            except BaseException:
+                undo()
+                raise
         else:
             self._remote(cmd)
 
@@ -245,8 +249,12 @@ class RoomLink:
         actor = self.actor
         if actor is not None:
             cmd = self._local(cmd)
-            await actor.inbox.send(cmd)
-            self._track(cmd)
+            undo = self._track(cmd)
+            try:
+                await actor.inbox.send(cmd)
+            except BaseException:
+                undo()
+                raise
         else:
             self._remote(cmd)
 
@@ -264,21 +272,33 @@ class RoomLink:
             cmd.reply = _Confirm(self, cmd.conn.id, req, cmd.reply)
         return cmd
 
-    def _track(self, cmd: Any) -> None:
+    def _track(self, cmd: Any) -> Callable[[], None]:
+        """Remember what a restore elsewhere would need; returns how to forget it again
+        (the send failed)."""
+        cid = cmd.conn.id
+        old = self.members.get(cid)
         kind = type(cmd)
         if kind is Message:
-            if cmd.msg["type"] == "update_metadata":
-                self._note_metadata(cmd.conn.id, cmd.msg)
+            if cmd.msg["type"] == "update_metadata" and old is not None:
+                before = old.metadata
+                self._note_metadata(cid, cmd.msg)
+                return lambda: setattr(old, "metadata", before)
         elif kind is Register:
-            reply = cmd.reply
-            member = Member(cmd, reply.req)
-            old = self.members.get(cmd.conn.id)
-            if old is not None and old.confirmed:
-                member.confirmed = True  # a re-register: it is in the room either way
-            self.members[cmd.conn.id] = member
-        elif kind is Leave:
-            self.members.pop(cmd.conn.id, None)
-            self.pending.pop(cmd.conn.id, None)
+            member = Member(cmd, cmd.reply.req)
+            member.confirmed = old is not None and old.confirmed  # a re-register: in the room either way
+            self.members[cid] = member
+        elif kind is Leave:  # gone from this room whether or not the Leave arrives
+            self.members.pop(cid, None)
+            self.pending.pop(cid, None)
+            return lambda: None
+
+        def undo() -> None:
+            if old is None:
+                self.members.pop(cid, None)
+            else:
+                self.members[cid] = old
+
+        return undo
 
     def _note_metadata(self, cid: int, msg: dict[str, Any]) -> None:
         member = self.members.get(cid)

@@ -392,3 +392,42 @@ def test_workers_need_redis_and_fixed_ports():
         out = subprocess.run([sys.executable, "-m", "signaling_trio", "serve", "--workers", "2", *extra],
                              capture_output=True, text=True, timeout=30)
         assert out.returncode == 2 and says in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+async def test_an_owner_that_loses_its_lease_hands_the_room_over(redis):
+    """Redis lost the lease and another instance took it (say, Redis restarted without
+    persistence while the owner was between renewals): the old owner stops its actor
+    silently and moves its peers, their subscription and reservation with them."""
+    import coredis
+
+    from signaling_trio._cluster import lease_key
+
+    async with instances(redis.url, n=2) as (a, b):
+        room = await a.new_room()
+        async with ws_peer(a.ws_url) as holder, ws_peer(a.ws_url) as worker, ws_peer(b.ws_url) as other:
+            await register(holder, room, "holder", role="client")
+            await register(worker, room, "worker", role="worker")
+            await register(other, room, "other", role="client")
+            assert room["room_id"] in a.server.supervisor.rooms
+            await holder.request({"type": "subscribe", "filters": {"role": "worker"}})
+            assert (await holder.request({"type": "reserve_peer", "to_peer_id": "worker", "duration_sec": 300}))["type"] == "reservation_granted"
+            assert (await worker.recv_type("peer_reserved"))["by"] == "holder"
+            await trio.sleep(0.3)  # facts saved
+            async with coredis.Redis(host="127.0.0.1", port=redis.port, decode_responses=True) as r:
+                await r.set(lease_key(room["room_id"]), b.server.cluster.id, px=3000)
+
+            async def moved() -> bool:
+                return room["room_id"] in b.server.supervisor.rooms and room["room_id"] not in a.server.supervisor.rooms
+
+            await eventually(moved)
+            assert await discover_ids(other) == ["holder", "worker"]
+            (w,) = (await other.request({"type": "discover_peers", "filters": {"role": "worker"}}))["peers"]
+            assert w["reserved_by"] == "holder"
+            # nobody was told anything but the subscription's own news
+            assert await worker.nothing_pending()
+            # the subscription still works: a worker joining on B reaches the holder on A
+            async with ws_peer(b.ws_url) as late:
+                await register(late, room, "late", role="worker")
+                while (event := await holder.recv())["type"] != "peer_joined":
+                    assert event["type"] == "peer_updated", event
+                assert event["peer"]["peer_id"] == "late"
