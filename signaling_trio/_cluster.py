@@ -213,6 +213,10 @@ class _Confirm:
                 pass  # the connection stopped waiting
 
 
+def _unwrap(reply: Any) -> Any:
+    return reply.reply if isinstance(reply, _Confirm) else reply
+
+
 class RoomLink:
     """This instance's way into one room, wherever the room lives. Connections hold the
     link (as `Connection.actor`) and use `link.inbox` like an actor's inbox; the link
@@ -364,8 +368,18 @@ class RoomLink:
             if member.confirmed:
                 reply, announce = None, False
             else:  # its connection still waits for the answer
-                reply, announce = (waiting[1] if waiting else None), True
+                reply, announce = (_unwrap(waiting[1]) if waiting else None), True
             self.restore(member, req, reply, announce)
+
+    def resend(self, cid: int) -> None:
+        """One Register the owner bounced ("not mine"), sent again to the current owner."""
+        waiting = self.pending.pop(cid, None)
+        member = self.members.get(cid)
+        if waiting is None or member is None:
+            return
+        req = next(self.cluster.reqs)
+        member.req = req
+        self.restore(member, req, _unwrap(waiting[1]), not member.confirmed)
 
     def restore(self, member: Member, req: int, reply: Any, announce: bool) -> None:
         cid = member.conn.id
@@ -562,11 +576,13 @@ class Cluster:
                     if not isinstance(reply, _Confirm):
                         reply = _Confirm(link, cid, req, reply)
                     reply.send_nowait(value)
-        elif kind == "m":  # "not mine": the room moved (or its owner let it go)
+        elif kind == "m":  # "not mine": the room moved (or its owner could not tell)
             _, room_id, cid, req, owner = item
             link = self.links.get(room_id)
             if link is not None and link.actor is None:
-                self.spawn(self._relocate, link)
+                waiting = link.pending.get(cid)
+                if waiting is not None and waiting[0] == req:
+                    self.spawn(self._relocate, link, cid)
         elif kind == "u":  # the owner does not know these connections: restore them
             _, room_id, cids = item
             link = self.links.get(room_id)
@@ -646,8 +662,11 @@ class Cluster:
         if link is not None and (link.actor is not None or link.owner not in (None, self.id)):
             return link
         owner = await self._lease(room_id)
-        link = self._link(room_id)
-        if link.actor is None or owner != self.id:
+        link = self._link(room_id)  # (another connection may have made it meanwhile)
+        if owner == self.id:
+            if link.actor is None:
+                self._adopt(link, owner)
+        elif link.owner != owner or link.actor is not None:
             self._adopt(link, owner)
         return link
 
@@ -676,7 +695,7 @@ class Cluster:
             event(logging.WARNING, "room lease lost", room_id=link.room_id, owner=owner)
         link.owner = owner
         link.missing_since = None
-        if moved or link.pending:
+        if moved:
             link.restore_all()
 
     def room_retired(self, actor: RoomActor) -> None:
@@ -752,13 +771,19 @@ class Cluster:
                 await trio.sleep(1.0)  # Redis is away: retry in a second
                 self._dirty_event.set()
 
-    async def _relocate(self, link: RoomLink) -> None:
+    async def _relocate(self, link: RoomLink, bounced: int | None = None) -> None:
+        """Follow the room to its owner now (taking it if nobody has it). `bounced`: a
+        connection whose Register the old owner sent back; it goes again either way."""
         try:
             owner = await self._lease(link.room_id)
         except StoreUnavailable:
-            return  # the next tend round tries again
-        if self.links.get(link.room_id) is link:
-            self._adopt(link, owner)
+            return  # the tend loop tries again; a bounced Register's connection times out
+        if self.links.get(link.room_id) is not link or link.actor is not None:
+            return
+        moved = link.owner != owner
+        self._adopt(link, owner)
+        if bounced is not None and not (moved or owner == self.id):
+            link.resend(bounced)  # same owner as before: nothing else was re-sent
 
     async def _tend_loop(self) -> None:
         """Each HEARTBEAT: tell owners who is here; follow rooms whose owner changed or

@@ -6,6 +6,8 @@ never the only instance involved."""
 
 from __future__ import annotations
 
+import os
+
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any, AsyncIterator
 
@@ -431,3 +433,67 @@ async def test_an_owner_that_loses_its_lease_hands_the_room_over(redis):
                 while (event := await holder.recv())["type"] != "peer_joined":
                     assert event["type"] == "peer_updated", event
                 assert event["peer"]["peer_id"] == "late"
+
+
+async def test_churn_across_three_instances_leaves_a_consistent_room(redis):
+    """Peers join, re-register, message and leave at random on three instances; then
+    every instance's discovery and the cluster counts agree with who is connected."""
+    import random
+
+    rng = random.Random(int(os.environ.get("CHURN_SEED", "8")))
+    async with instances(redis.url) as servers:
+        room = await servers[0].new_room()
+        alive: dict[str, Any] = {}
+
+        async def answer(p: Any, mtype: str) -> dict[str, Any]:
+            """The next `mtype` frame; on the way only other peers' messages and errors
+            for messages to peers that already left are allowed."""
+            while True:
+                msg = await p.recv()
+                if msg["type"] == mtype:
+                    return msg
+                assert msg["type"] == "peer_message" or msg.get("code") == "PEER_NOT_IN_ROOM", msg
+
+        async def life(n: int) -> None:
+            srv = servers[rng.randrange(3)]
+            pid = f"p{n}"
+            async with ws_peer(srv.ws_url) as p:
+                assert (await register(p, room, pid, role=rng.choice(["worker", "client"])))["type"] == "registered_auth"
+                for _ in range(rng.randrange(1, 6)):
+                    step = rng.random()
+                    if step < 0.3:
+                        await p.send({"type": "register", "peer_id": pid, "room_id": room["room_id"], "token": room["token"],
+                                      "id_token": room["id_token"], "role": "worker", "metadata": {"properties": {"n": n}}})
+                        await answer(p, "registered_auth")
+                    elif step < 0.6:
+                        await p.send({"type": "peer_message", "to_peer_id": f"p{rng.randrange(40)}", "payload": n})
+                    else:
+                        await p.send({"type": "discover_peers", "filters": {"role": "worker"}})
+                        await answer(p, "peer_list")
+                    await trio.sleep(rng.random() * 0.05)
+                if n % 3 == 0:  # a third stay
+                    alive[pid] = p
+                    await trio.sleep_forever()
+
+        async with trio.open_nursery() as nursery:
+            for n in range(40):
+                nursery.start_soon(life, n)
+                await trio.sleep(0.01)
+            with trio.fail_after(20):
+                while len(alive) < 14:
+                    await trio.sleep(0.05)
+            expected = sorted(alive)
+            async with ws_peer(servers[1].ws_url) as probe:
+                await register(probe, room, "probe")
+
+                async def consistent() -> bool:
+                    return await discover_ids(probe) == expected
+
+                await eventually(consistent)
+
+            async def counted() -> bool:
+                views = [(await s.http("GET", "/metrics"))[1]["cluster"] for s in servers]
+                return all(v["active_connections"] == len(expected) for v in views)
+
+            await eventually(counted)
+            nursery.cancel_scope.cancel()
