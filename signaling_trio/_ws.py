@@ -9,6 +9,7 @@ Never touches: a room's state (it sends commands to the room's actor).
 from __future__ import annotations
 
 import itertools
+from collections import deque
 import logging
 import math
 import time
@@ -34,6 +35,7 @@ _ids = itertools.count(1)
 
 PONG = '{"type":"pong"}'
 WRITE_BATCH = 64
+WRITER_LINGER = 1.0  # seconds an idle writer task waits for more frames before it ends
 MAX_ID_LEN = 256
 MAX_TOKEN_LEN = 16384
 REGISTER_REPLY_TIMEOUT = 5.0  # a room (perhaps on another instance) answers a Register within this
@@ -41,7 +43,7 @@ REGISTER_REPLY_TIMEOUT = 5.0  # a room (perhaps on another instance) answers a R
 
 class Connection:
     __slots__ = (
-        "id", "server", "settings", "metrics", "ws", "_outbox", "_outbox_recv", "_scope",
+        "id", "server", "settings", "metrics", "ws", "_outbox", "_nursery", "_writer_token", "_parked", "_scope",
         "close_code", "close_reason", "peer_id", "room_id", "actor", "sub", "id_token",
         "_bucket", "_rate_error_at", "_last_rx", "_overflowing",
     )
@@ -52,7 +54,12 @@ class Connection:
         self.settings = server.settings
         self.metrics = server.metrics
         self.ws = ws
-        self._outbox, self._outbox_recv = trio.open_memory_channel[str](self.settings.outbox_size)
+        # The outbox: frames waiting for the writer task, which runs only while there is
+        # something to write (an idle connection costs one task, not two).
+        self._outbox: deque[str] = deque()
+        self._nursery: trio.Nursery | None = None
+        self._writer_token: object | None = None  # the running writer's, else None
+        self._parked: Any = None  # the writer task while it waits for frames
         self._scope = trio.CancelScope()
         self.close_code: int | None = None
         self.close_reason = ""
@@ -73,18 +80,26 @@ class Connection:
 
     # ------------------------------------------------ called by rooms (no awaits)
     def deliver(self, text: str) -> None:
-        try:
-            self._outbox.send_nowait(text)
-            self._overflowing = False
-        except trio.WouldBlock:
+        nursery = self._nursery
+        if nursery is None:
+            return  # not running (yet, or any more)
+        outbox = self._outbox
+        if len(outbox) >= self.settings.outbox_size:
             # Never wait on a slow reader: drop for it alone; the writer's stall timer
             # disconnects it if it stays stuck.
             self.metrics.outbox_overflows += 1
             if not self._overflowing:
                 self._overflowing = True
                 event(logging.WARNING, "outbox full", conn=self.id, peer_id=self.peer_id)
-        except (trio.ClosedResourceError, trio.BrokenResourceError):
-            pass
+            return
+        outbox.append(text)
+        self._overflowing = False
+        if self._writer_token is None:
+            self._writer_token = token = object()
+            nursery.start_soon(self._writer, token)
+        elif self._parked is not None:
+            task, self._parked = self._parked, None
+            trio.lowlevel.reschedule(task)
 
     def request_close(self, code: int, reason: str) -> None:
         if self.close_code is None:
@@ -98,9 +113,12 @@ class Connection:
         try:
             with self._scope:
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._writer)
-                    await self._reader()
-                    nursery.cancel_scope.cancel()
+                    self._nursery = nursery
+                    try:
+                        await self._reader()
+                    finally:
+                        self._nursery = None
+                        nursery.cancel_scope.cancel()
         finally:
             with trio.CancelScope(shield=True):
                 await self._leave_room()
@@ -315,31 +333,53 @@ class Connection:
             pass
 
     # ---------------------------------------------------------- side tasks
-    async def _writer(self) -> None:
+    async def _writer(self, token: object) -> None:
+        """Started by deliver() when frames wait; sends them in batches; waits a little
+        (WRITER_LINGER) for more, then ends, so an idle connection holds no writer."""
         timeout = self.settings.stalled_reader_timeout
         ws = self.ws
-        # One cancel scope for the whole loop, re-armed per frame: a send that makes no
-        # progress for `timeout` seconds means the peer stopped reading.
-        outbox = self._outbox_recv
-        with trio.CancelScope() as stall:
-            async with outbox:
-                async for text in outbox:
-                    batch = [text]  # what else is already waiting goes out with it
-                    while len(batch) < WRITE_BATCH:
-                        try:
-                            batch.append(outbox.receive_nowait())
-                        except trio.WouldBlock:
-                            break
+        outbox = self._outbox
+        # Two cancel scopes for the writer's life, re-armed by deadline: `stall` while a
+        # send is under way (no progress for `timeout` s: the peer stopped reading, close
+        # it), `linger` while waiting for frames (nothing for a while: end quietly).
+        try:
+            with trio.CancelScope() as stall, trio.CancelScope() as linger:
+                while True:
+                    if not outbox:
+                        linger.deadline = trio.current_time() + WRITER_LINGER
+                        await self._park(token)
+                        linger.deadline = math.inf
+                        continue
+                    n = min(len(outbox), WRITE_BATCH)
+                    batch = [outbox.popleft() for _ in range(n)]
                     stall.deadline = trio.current_time() + timeout
                     try:
                         await send_many(ws, batch)
                     except ConnectionClosed:
                         return
                     stall.deadline = math.inf
+        finally:
+            if self._writer_token is token:
+                self._writer_token = None
+                self._parked = None
         if stall.cancelled_caught:
             event(logging.WARNING, "stalled reader", conn=self.id, peer_id=self.peer_id)
             self.metrics.stalled_readers += 1
             self.request_close(E.CLOSE_POLICY, "stalled reader")
+
+    async def _park(self, token: object) -> None:
+        """Wait for deliver() (the cheapest wake-up trio has: no channel, no event)."""
+        self._parked = trio.lowlevel.current_task()
+
+        def abort(_: Any) -> trio.lowlevel.Abort:
+            # Lingered out (or the connection ends): from now on deliver() starts a new
+            # writer, even before this one has finished unwinding.
+            if self._writer_token is token:
+                self._writer_token = None
+                self._parked = None
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)
 
 
 async def handle_request(server: "SignalingServer", request: WebSocketRequest) -> None:
