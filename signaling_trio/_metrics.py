@@ -18,6 +18,7 @@ class Metrics:
         self.dropped_signals = 0
         self.outbox_overflows = 0
         self.room_crashes = 0
+        self.connection_crashes = 0  # a bug in one connection's task (logged, that connection closed)
         self.rate_limited_drops = 0
         self.stalled_readers = 0
         self.register_timeouts = 0

@@ -71,6 +71,7 @@ class _ServerCollector:
         yield limits
         yield counter("signaling_signals_dropped", "offer/answer/candidate to a peer not in the room", m.dropped_signals)
         yield counter("signaling_room_crashes", "Room actors that died of a bug", m.room_crashes)
+        yield counter("signaling_connection_crashes", "Connection tasks that died of a bug", m.connection_crashes)
         if s.cluster is not None:  # --store redis: the whole cluster, and traffic between instances
             view = s.cluster.view
             yield gauge("signaling_cluster_instances", "Live instances on this Redis", view["instances"])

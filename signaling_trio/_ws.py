@@ -19,6 +19,7 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest
 
 from ._wsfix import send_many  # also: 1007/1002 close frames
+from . import _log
 from ._log import event
 from ._rooms import Leave, Message, Register
 from .auth import AuthError
@@ -109,7 +110,8 @@ class Connection:
 
     # ------------------------------------------------------------- the task
     async def run(self) -> None:
-        event(logging.INFO, "connect", conn=self.id, remote=str(self.ws.remote))
+        if _log.logger.isEnabledFor(logging.INFO):
+            event(logging.INFO, "connect", conn=self.id, remote=_remote(self.ws))
         try:
             with self._scope:
                 async with trio.open_nursery() as nursery:
@@ -382,6 +384,14 @@ class Connection:
         await trio.lowlevel.wait_task_rescheduled(abort)
 
 
+def _remote(ws: WebSocketConnection) -> str:
+    """The peer's address for the log; a client already gone has none (ENOTCONN)."""
+    try:
+        return str(ws.remote)
+    except OSError:
+        return "gone"
+
+
 async def handle_request(server: "SignalingServer", request: WebSocketRequest) -> None:
     try:
         with trio.fail_after(10):
@@ -394,6 +404,11 @@ async def handle_request(server: "SignalingServer", request: WebSocketRequest) -
     server.connections.add(conn)
     try:
         await conn.run()
+    except Exception:
+        # A bug in one connection's handling must not reach the listener's nursery
+        # (that would end the server): log it, and that connection alone is over.
+        server.metrics.connection_crashes += 1
+        _log.logger.exception("connection crashed", extra={"fields": {"conn": conn.id}})
     finally:
         server.connections.discard(conn)
         server.metrics.active_connections -= 1

@@ -251,6 +251,7 @@ class SignalingServer:
             "outbox_overflows": m.outbox_overflows,
             "rate_limited_drops": m.rate_limited_drops,
             "room_crashes": m.room_crashes,
+            "connection_crashes": m.connection_crashes,
             "uptime_sec": round(time.time() - self.started_at, 3),
         } | self._cluster_json()
 

@@ -96,3 +96,29 @@ async def test_chaos_leaves_no_ghosts(caplog):
                 await trio.sleep(0.05)
     bad = [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
     assert bad == [], [r.getMessage() for r in bad]
+
+
+async def test_clients_that_reset_right_after_the_handshake(server, room, caplog):
+    """A client that sends TCP RST the moment the handshake is done: the server's first
+    look at the connection (its peer address, for the log) fails with ENOTCONN. Once,
+    that killed the whole server; it must only end that connection."""
+    caplog.set_level(logging.INFO, logger="signaling_trio")  # the connect event reads the address
+    import socket
+    import struct
+
+    port = int(server.ws_url.rsplit(":", 1)[1].strip("/"))
+
+    async def reset_one() -> None:
+        stream = await raw_connect(port)
+        stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        await stream.aclose()  # RST, not FIN
+
+    for _ in range(10):
+        async with trio.open_nursery() as n:
+            for _ in range(20):
+                n.start_soon(reset_one)
+    status, _ = await server.http("GET", "/health")
+    assert status == 200
+    async with ws_peer(server.ws_url) as p:
+        assert (await register(p, room, "after"))["type"] == "registered_auth"
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
