@@ -8,8 +8,8 @@ Never touches: a room's state (it sends commands to the room's actor).
 
 from __future__ import annotations
 
+import hashlib
 import itertools
-from collections import deque
 import logging
 import math
 import time
@@ -45,7 +45,7 @@ REGISTER_REPLY_TIMEOUT = 5.0  # a room (perhaps on another instance) answers a R
 class Connection:
     __slots__ = (
         "id", "server", "settings", "metrics", "ws", "_outbox", "_nursery", "_writer_token", "_parked", "_scope",
-        "close_code", "close_reason", "peer_id", "room_id", "actor", "sub", "id_token",
+        "close_code", "close_reason", "peer_id", "room_id", "actor", "sub", "id_token_digest",
         "_bucket", "_rate_error_at", "_last_rx", "_overflowing",
     )
 
@@ -57,7 +57,7 @@ class Connection:
         self.ws = ws
         # The outbox: frames waiting for the writer task, which runs only while there is
         # something to write (an idle connection costs one task, not two).
-        self._outbox: deque[str] = deque()
+        self._outbox: list[str] = []  # (an empty deque is 600 bytes; a list 56)
         self._nursery: trio.Nursery | None = None
         self._writer_token: object | None = None  # the running writer's, else None
         self._parked: Any = None  # the writer task while it waits for frames
@@ -69,7 +69,9 @@ class Connection:
         self.room_id: str | None = None
         self.actor: Any = None  # the room's RoomActor, or with a cluster its RoomLink
         self.sub: str | None = None
-        self.id_token: str | None = None
+        # a digest of the id_token this connection registered with (the token itself is
+        # a kilobyte; only "same token again?" is ever asked of it)
+        self.id_token_digest: bytes | None = None
         # rate limit: a token bucket on trio's clock
         self._bucket = TokenBucket(self.settings.rate_limit, self.settings.rate_burst, trio.current_time())
         self._rate_error_at = -math.inf
@@ -143,7 +145,7 @@ class Connection:
         ws = self.ws
         while True:
             wake = self._last_rx + ping_interval
-            if self.id_token is None:
+            if self.id_token_digest is None:
                 wake = min(wake, register_deadline)
             data: str | bytes | None = None
             try:
@@ -153,7 +155,7 @@ class Connection:
                 return
             now = trio.current_time()
             if data is None:
-                if self.id_token is None and now >= register_deadline:
+                if self.id_token_digest is None and now >= register_deadline:
                     event(logging.INFO, "register timeout", conn=self.id)
                     self.metrics.register_timeouts += 1
                     self.request_close(E.CLOSE_POLICY, "register timeout")
@@ -259,7 +261,8 @@ class Connection:
 
         # Identity. A token this connection already presented was verified then; a
         # long-running worker re-registering with it after it expired keeps working.
-        if self.id_token is not None and id_token == self.id_token and self.sub is not None:
+        digest = hashlib.blake2b(id_token.encode(), digest_size=16).digest()
+        if digest == self.id_token_digest and self.sub is not None:
             sub = self.sub
         else:
             try:
@@ -312,7 +315,7 @@ class Connection:
                 self._lost_room()
             return  # the room told the peer why
         self.peer_id, self.room_id, self.actor = bound, room_id, actor
-        self.sub, self.id_token = sub, id_token
+        self.sub, self.id_token_digest = sub, digest
         self.server.supervisor.note_peer(bound, room_id)
         if cluster is not None:
             cluster.note_peer(bound, room_id)
@@ -352,8 +355,8 @@ class Connection:
                         await self._park(token)
                         linger.deadline = math.inf
                         continue
-                    n = min(len(outbox), WRITE_BATCH)
-                    batch = [outbox.popleft() for _ in range(n)]
+                    batch = outbox[:WRITE_BATCH]
+                    del outbox[:WRITE_BATCH]
                     stall.deadline = trio.current_time() + timeout
                     try:
                         await send_many(ws, batch)
