@@ -213,3 +213,32 @@ async def test_room_crash_closes_its_peers_with_1011_only(server, monkeypatch, c
             assert (await register(c, r1, "c"))["type"] == "registered_auth"
         status, _ = await server.http("GET", "/health")
         assert status == 200
+
+
+async def test_no_frame_waits_for_a_writer_that_lingered_out(monkeypatch, server, room):
+    """The writer task ends after WRITER_LINGER idle and deliver() starts a new one; frames
+    sent around that moment, in bursts and singly, all arrive, and promptly."""
+    import random
+
+    from signaling_trio import _ws
+
+    monkeypatch.setattr(_ws, "WRITER_LINGER", 0.02)
+    rng = random.Random(3)
+    async with ws_peer(server.ws_url) as a, ws_peer(server.ws_url) as b:
+        await register(a, room, "a")
+        await register(b, room, "b")
+        n = 0
+        for _ in range(60):
+            burst = rng.choice([1, 1, 2, 5])
+            for _ in range(burst):
+                await a.send({"type": "peer_message", "to_peer_id": "b", "payload": n})
+                n += 1
+            for expected in range(n - burst, n):
+                got = await b.recv(timeout=2)
+                assert got["payload"] == expected
+            await trio.sleep(rng.choice([0.0, 0.01, 0.019, 0.02, 0.021, 0.03]))
+        await trio.sleep(0.2)
+        # idle now: no connection holds a writer task; the next frame starts one
+        assert all(conn._writer_token is None for conn in server.server.connections)
+        await a.send({"type": "peer_message", "to_peer_id": "b", "payload": "last"})
+        assert (await b.recv(timeout=2))["payload"] == "last"
