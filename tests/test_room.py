@@ -386,3 +386,30 @@ def test_carried_facts_apply_only_to_restored_peers():
     new.reg("w", role="worker")
     assert new.state.subscribers == {} and new.state.peers["w"].reserved_by is None
     assert new.state.carry(["not", "facts"], 0.0, window=5.0).sends == []  # junk is ignored
+
+
+def test_a_cached_discovery_answer_follows_every_change(room):
+    room.reg("c", role="client")
+    room.reg("w", role="worker", metadata={"properties": {"status": "available"}})
+    ask = {"type": "discover_peers", "filters": {"role": "worker"}}
+
+    def answer():
+        room.send("c", ask)
+        return room.last("c")
+
+    first = answer()
+    assert answer() == first  # served from the cache, same bytes
+    room.send("w", {"type": "update_metadata", "metadata": {"properties": {"status": "busy"}}})
+    assert answer()["peers"][0]["metadata"]["properties"]["status"] == "busy"
+    room.send("c", {"type": "reserve_peer", "to_peer_id": "w", "duration_sec": 10})
+    assert answer()["peers"][0]["reserved_by"] == "c"
+    room.tick(11.0)
+    assert "reserved_by" not in answer()["peers"][0]
+    room.reg("w2", role="worker")
+    assert [p["peer_id"] for p in answer()["peers"]] == ["w", "w2"]
+    room.leave("w")
+    assert [p["peer_id"] for p in answer()["peers"]] == ["w2"]
+    # a worker asking for workers is not in its own answer
+    room.send("w2", ask)
+    mine = room.last("w2")
+    assert mine["peers"] == [] and mine["count"] == 0
