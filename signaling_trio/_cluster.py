@@ -29,6 +29,7 @@ from __future__ import annotations
 import itertools
 import logging
 import secrets
+import time
 from typing import TYPE_CHECKING, Any, Callable
 
 import coredis
@@ -893,8 +894,6 @@ class Cluster:
     # ---------------------------------------------------------- metrics
     async def _stats_loop(self) -> None:
         """Publish this instance's counts; sum everyone's (for /metrics)."""
-        import time
-
         key = f"{PREFIX}:instances"
         while True:
             sup = self.supervisor
