@@ -240,7 +240,7 @@ class RoomLink:
     def send_nowait(self, cmd: Any) -> None:
         actor = self.actor
         if actor is not None:
-            cmd = self._local(cmd)
+            cmd = self._confirming(cmd)
             undo = self._track(cmd)  # before the send: the actor may answer before we resume
             try:
                 actor.inbox.send_nowait(cmd)
@@ -253,7 +253,7 @@ class RoomLink:
     async def send(self, cmd: Any) -> None:
         actor = self.actor
         if actor is not None:
-            cmd = self._local(cmd)
+            cmd = self._confirming(cmd)
             undo = self._track(cmd)
             try:
                 await actor.inbox.send(cmd)
@@ -271,7 +271,8 @@ class RoomLink:
             del self.members[cid]
 
     # ------------------------------------------------------------ internals
-    def _local(self, cmd: Any) -> Any:
+    def _confirming(self, cmd: Any) -> Any:
+        """A Register whose answer also records the outcome on its member."""
         if type(cmd) is Register and not isinstance(cmd.reply, _Confirm):
             req = next(self.cluster.reqs)
             cmd.reply = _Confirm(self, cmd.conn.id, req, cmd.reply)
@@ -293,8 +294,7 @@ class RoomLink:
             member.confirmed = old is not None and old.confirmed  # a re-register: in the room either way
             self.members[cid] = member
         elif kind is Leave:  # gone from this room whether or not the Leave arrives
-            self.members.pop(cid, None)
-            self.pending.pop(cid, None)
+            self._forget(cid)
             return lambda: None
 
         def undo() -> None:
@@ -304,6 +304,10 @@ class RoomLink:
                 self.members[cid] = old
 
         return undo
+
+    def _forget(self, cid: int) -> None:
+        self.members.pop(cid, None)
+        self.pending.pop(cid, None)
 
     def _note_metadata(self, cid: int, msg: dict[str, Any]) -> None:
         member = self.members.get(cid)
@@ -319,31 +323,19 @@ class RoomLink:
         cid = cmd.conn.id
         kind = type(cmd)
         if owner is None:  # the room ended here (emptied by a kick, or crashed)
-            self.members.pop(cid, None)
-            self.pending.pop(cid, None)
+            self._forget(cid)
             if kind is not Leave:
                 raise trio.BrokenResourceError("the room is gone")  # the connection says NOT_IN_ROOM
             return
-        out = self.cluster.outlink(owner)
-        if kind is Message:
-            if cmd.msg["type"] == "update_metadata":
-                self._note_metadata(cid, cmd.msg)
-            out.put(["M", self.room_id, cid, cmd.raw])
-        elif kind is Register:
-            req = next(self.cluster.reqs)
-            member = Member(cmd, req)
-            old = self.members.get(cid)
-            member.confirmed = old is not None and old.confirmed
-            self.members[cid] = member
-            self.pending[cid] = (req, cmd.reply)
-            out.put(["R", self.room_id, cid, req, cmd.peer_id, cmd.sub, cmd.role, cmd.metadata,
-                     cmd.token, cmd.announce])
-        elif kind is Leave:
-            self.members.pop(cid, None)
-            self.pending.pop(cid, None)
-            out.put(["L", self.room_id, cid])
-        else:
+        if kind not in (Message, Register, Leave):
             raise TypeError(f"a room link does not carry {kind.__name__}")
+        cmd = self._confirming(cmd)
+        self._track(cmd)  # nothing to undo: publishing does not fail here
+        if kind is Register:
+            self.restore(self.members[cid], _unwrap(cmd.reply), cmd.announce)
+        else:
+            item = ["M", self.room_id, cid, cmd.raw] if kind is Message else ["L", self.room_id, cid]
+            self.cluster.outlink(owner).put(item)
 
     def confirmed(self, cid: int, req: int, value: Any) -> None:
         member = self.members.get(cid)
@@ -364,13 +356,10 @@ class RoomLink:
         self.pending = {}
         for cid, member in list(self.members.items()):
             waiting = pending.get(cid)
-            req = next(self.cluster.reqs)
-            member.req = req
             if member.confirmed:
-                reply, announce = None, False
+                self.restore(member, None, False)
             else:  # its connection still waits for the answer
-                reply, announce = (_unwrap(waiting[1]) if waiting else None), True
-            self.restore(member, req, reply, announce)
+                self.restore(member, _unwrap(waiting[1]) if waiting else None, True)
 
     def resend(self, cid: int) -> None:
         """One Register the owner bounced ("not mine"), sent again to the current owner."""
@@ -378,12 +367,13 @@ class RoomLink:
         member = self.members.get(cid)
         if waiting is None or member is None:
             return
-        req = next(self.cluster.reqs)
-        member.req = req
-        self.restore(member, req, _unwrap(waiting[1]), not member.confirmed)
+        self.restore(member, _unwrap(waiting[1]), not member.confirmed)
 
-    def restore(self, member: Member, req: int, reply: Any, announce: bool) -> None:
+    def restore(self, member: Member, reply: Any, announce: bool) -> None:
+        """Send `member`'s Register (again) to wherever the room is now; the answer is
+        recorded on the member, then handed to `reply` (if any)."""
         cid = member.conn.id
+        req = member.req = next(self.cluster.reqs)
         if self.actor is not None:
             cmd = member.register(_Confirm(self, cid, req, reply), announce)
             try:
@@ -573,10 +563,7 @@ class Cluster:
                 waiting = link.pending.get(cid)
                 if waiting is not None and waiting[0] == req:
                     del link.pending[cid]
-                    reply = waiting[1]
-                    if not isinstance(reply, _Confirm):
-                        reply = _Confirm(link, cid, req, reply)
-                    reply.send_nowait(value)
+                    waiting[1].send_nowait(value)  # a _Confirm: records, then answers
         elif kind == "m":  # "not mine": the room moved (or its owner could not tell)
             _, room_id, cid, req, owner = item
             link = self.links.get(room_id)
@@ -591,9 +578,7 @@ class Cluster:
                 for cid in cids:
                     member = link.members.get(cid)
                     if member is not None and member.confirmed and cid not in link.pending:
-                        req = next(self.reqs)
-                        member.req = req
-                        link.restore(member, req, None, False)
+                        link.restore(member, None, False)
         elif kind == "c":
             _, req, value = item
             waiting = self.calls.pop(req, None)
