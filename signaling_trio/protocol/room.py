@@ -317,14 +317,7 @@ class RoomState:
             deadline = until - self.wall_offset
             if target is None or holder is None or target.reserved_by is not None or deadline <= now:
                 continue
-            target.reserved_by = holder_id
-            target.reserved_until = until
-            target.reserve_deadline = deadline
-            target.touch()
-            self.version += 1
-            self.facts_version += 1
-            holder.holding.add(target_id)
-            self.deadlines[target_id] = deadline
+            self._hold(target, holder, until, deadline)
             self._notify(target, fx, "changed")
 
     def _end_carry(self, fx: Effects) -> None:
@@ -575,14 +568,7 @@ class RoomState:
             raise E.ProtocolError(E.PRECONDITION_FAILED, f"peer {to} does not match the filters")
         deadline = now + duration
         until = round(deadline + self.wall_offset, 3)
-        target.reserved_by = peer.peer_id
-        target.reserved_until = until
-        target.reserve_deadline = deadline
-        target.touch()
-        self.version += 1
-        peer.holding.add(to)
-        self.deadlines[to] = deadline
-        self.facts_version += 1
+        self._hold(target, peer, until, deadline)
         fx.send(peer.conn, {"type": "reservation_granted", "peer_id": to, "reserved_until": until})
         fx.send(target.conn, {"type": "peer_reserved", "by": peer.peer_id, "reserved_until": until})
         self._notify(target, fx, "changed")
@@ -600,6 +586,17 @@ class RoomState:
             )
         self._release(target, "released", fx)
         fx.send(peer.conn, {"type": "reservation_released", "peer_id": to})
+
+    def _hold(self, target: Peer, holder: Peer, until: float, deadline: float) -> None:
+        """`holder` reserves `target` until `until` (Unix seconds; `deadline` on trio's clock)."""
+        target.reserved_by = holder.peer_id
+        target.reserved_until = until
+        target.reserve_deadline = deadline
+        target.touch()
+        self.version += 1
+        self.facts_version += 1
+        holder.holding.add(target.peer_id)
+        self.deadlines[target.peer_id] = deadline
 
     def _release(self, target: Peer, reason: str, fx: Effects) -> None:
         holder_id = target.reserved_by
