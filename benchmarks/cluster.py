@@ -26,7 +26,7 @@ import time
 from contextlib import contextmanager
 from typing import Any, Iterator
 
-from run import CORES, HERE, RESULTS_LOGS, ROOT, _post, cpu_seconds, free_port, wait_port
+from run import CORES, HERE, RESULTS_LOGS, ROOT, _post, cpu_seconds, free_port, stop, wait_port
 
 
 def tree_cpu(pid: int) -> float:
@@ -49,8 +49,7 @@ def redis_server() -> Iterator[dict[str, Any]]:
         wait_port(port, proc)
         yield {"url": f"redis://127.0.0.1:{port}/0", "pid": proc.pid}
     finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+        stop(proc)
 
 
 @contextmanager
@@ -68,12 +67,7 @@ def instance(redis_url: str, workers: int = 1) -> Iterator[dict[str, Any]]:
         time.sleep(0.5 if workers > 1 else 0)  # every worker listening
         yield {"pid": proc.pid, "ws_url": f"ws://127.0.0.1:{ws_port}/", "http": f"http://127.0.0.1:{http_port}"}
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc, timeout=15)
         log.close()
 
 

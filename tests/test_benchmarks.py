@@ -13,17 +13,24 @@ import trio
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-async def test_every_scenario_runs(tmp_path):
-    if shutil.which("node") is None or shutil.which("npm") is None:
+async def quick_run(script: str, tmp_path, needs: tuple[str, ...]) -> None:
+    """`benchmarks/<script> --quick --out tmp_path`, which must exit 0. Tools it needs
+    missing: a failure under CI, a skip saying which elsewhere."""
+    missing = [tool for tool in needs if shutil.which(tool) is None]
+    if missing:
         if os.environ.get("CI"):
-            pytest.fail("node and npm are needed for the benchmark smoke run")
-        pytest.skip("node/npm not installed: the benchmarks' load generator is a Node program")
+            pytest.fail(f"{', '.join(missing)} needed for the {script} smoke run")
+        pytest.skip(f"{', '.join(missing)} not installed: benchmarks/{script} needs {', '.join(needs)}")
     with trio.fail_after(300):
         proc = await trio.run_process(
-            [sys.executable, os.path.join(ROOT, "benchmarks", "run.py"), "--quick", "--out", str(tmp_path)],
+            [sys.executable, os.path.join(ROOT, "benchmarks", script), "--quick", "--out", str(tmp_path)],
             capture_stdout=True, capture_stderr=True, check=False, cwd=ROOT,
         )
     assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+
+
+async def test_every_scenario_runs(tmp_path):
+    await quick_run("run.py", tmp_path, ("node", "npm"))
     table = (tmp_path / "latest.md").read_text()
     for row in ("relay 2x2 msgs/s", "relay 1x1 RTT p50 ms", "RSS per idle registered peer", "server CPU per connect+register",
                 "discover_100_broad_1", "discover_100_broad_4", "discover_100_selective", "discover_200_selective", "presence events/s"):
@@ -32,16 +39,7 @@ async def test_every_scenario_runs(tmp_path):
 
 
 async def test_cluster_benchmark_runs(tmp_path):
-    if shutil.which("node") is None or shutil.which("redis-server") is None:
-        if os.environ.get("CI"):
-            pytest.fail("node and redis-server are needed for the cluster benchmark smoke run")
-        pytest.skip("node or redis-server not installed (the cluster benchmark needs both)")
-    with trio.fail_after(300):
-        proc = await trio.run_process(
-            [sys.executable, os.path.join(ROOT, "benchmarks", "cluster.py"), "--quick", "--out", str(tmp_path)],
-            capture_stdout=True, capture_stderr=True, check=False, cwd=os.path.join(ROOT, "benchmarks"),
-        )
-    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+    await quick_run("cluster.py", tmp_path, ("node", "npm", "redis-server"))
     table = (tmp_path / "cluster.md").read_text()
     for row in ("same instance", "across 2 instances", "--workers 1", "--workers 2", "workers 2 / 1"):
         assert row in table, row
