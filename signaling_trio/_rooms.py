@@ -71,15 +71,11 @@ class Call:
     reply: Any  # has send_nowait(result)
 
 
-def _kick(state: RoomState, peer_id: str | None, code: int, reason: str) -> Effects:
-    return state.kick(peer_id, code, reason)
-
-
 CALLS: dict[str, Callable[..., Any]] = {
     "subs": lambda state: sorted(state.subs()),
     "peer_sub": RoomState.peer_sub,
     "count": lambda state: len(state.peers),
-    "kick": _kick,  # Effects: applied by the actor, the caller gets None
+    "kick": RoomState.kick,  # Effects: applied by the actor, the caller gets None
     "carry": RoomState.carry,  # (facts, now, window): the room moved here; Effects
 }
 
