@@ -24,6 +24,8 @@ from .filters import Filter, index_key
 from .messages import dumps
 
 Conn = Hashable
+_NONE: frozenset[Any] = frozenset()  # the empty set every peer starts with, shared
+MAX_TAG_SETS = 1024
 
 
 class Peer:
@@ -39,24 +41,25 @@ class Peer:
         self.sub = sub
         self.role = "peer"
         self.metadata: dict[str, Any] = {}
-        self.tags: frozenset[Any] = frozenset()
+        self.tags: frozenset[Any] = _NONE
         self.properties: dict[str, Any] = {}
         self.connected_at = connected_at
         self.reserved_by: str | None = None
         self.reserved_until: float | None = None
         self.reserve_deadline: float | None = None
-        self.holding: set[str] = set()
+        # the two sets start as one shared empty frozenset (most peers never hold a
+        # reservation or subscribe; an empty set is 216 bytes) and become sets when used
+        self.holding: set[str] | frozenset[str] = _NONE
         self.subscription: Filter | None = None
         self.sub_filters: Any = None  # as the peer sent them (carried when the room moves)
-        self.sub_matches: set[str] = set()
+        self.sub_matches: set[str] | frozenset[str] = _NONE
         self._public_json: str | None = None
         self.seq = 0
 
-    def set_profile(self, role: str, metadata: dict[str, Any]) -> None:
+    def set_profile(self, role: str, metadata: dict[str, Any], tags: frozenset[Any]) -> None:
         self.role = role
         self.metadata = metadata
-        tags = metadata.get("tags")
-        self.tags = frozenset(tags) if isinstance(tags, list) else frozenset()
+        self.tags = tags
         props = metadata.get("properties")
         self.properties = props if isinstance(props, dict) else {}
         self._public_json = None
@@ -145,6 +148,7 @@ class RoomState:
         # recent filters, valid while `version` (bumped on every visible change) holds.
         self.version = 0
         self._seq = 0
+        self._tag_sets: dict[frozenset[Any], frozenset[Any]] = {}  # one of each, shared by peers
         self._by_role: dict[str, dict[str, Peer]] = {}
         self._by_prop: dict[str, dict[Any, dict[str, Peer]]] = {}
         self._queries: OrderedDict[bytes, list[Any]] = OrderedDict()
@@ -233,7 +237,7 @@ class RoomState:
         else:
             self._unindex(peer)
         peer.sub = sub
-        peer.set_profile(role, metadata)
+        self._set_profile(peer, role, metadata)
         self._index(peer)
         if announce:
             fx.send(
@@ -418,6 +422,18 @@ class RoomState:
         self._by_prop[key] = index
         return index
 
+    def _set_profile(self, peer: Peer, role: str, metadata: dict[str, Any]) -> None:
+        """A peer's role and metadata. Its tag set is the room's one copy of that set
+        (peers mostly send the same few tag lists; a frozenset is 216 bytes or more)."""
+        tags = metadata.get("tags")
+        tag_set = frozenset(tags) if isinstance(tags, list) and tags else _NONE
+        shared = self._tag_sets.get(tag_set)
+        if shared is None:
+            if len(self._tag_sets) >= MAX_TAG_SETS:
+                self._tag_sets.clear()
+            shared = self._tag_sets[tag_set] = tag_set
+        peer.set_profile(role, metadata, shared)
+
     def _index(self, peer: Peer) -> None:
         self._by_role.setdefault(peer.role, {})[peer.peer_id] = peer
         for key, index in self._by_prop.items():
@@ -451,7 +467,7 @@ class RoomState:
         merged = md.merge(peer.metadata, update)
         md.check_size(merged, self.max_metadata_bytes)
         self._unindex(peer)
-        peer.set_profile(peer.role, merged)
+        self._set_profile(peer, peer.role, merged)
         self._index(peer)
         fx.send(peer.conn, {"type": "metadata_updated", "peer_id": peer.peer_id, "metadata": merged})
         self._notify(peer, fx, "changed")
@@ -512,7 +528,7 @@ class RoomState:
             self.facts_version += 1
         peer.subscription = None
         peer.sub_filters = None
-        peer.sub_matches = set()
+        peer.sub_matches = _NONE
 
     def _notify(self, changed: Peer, fx: Effects, kind: str) -> None:
         """Tell every subscriber but `changed` itself how its match set moved."""
@@ -595,15 +611,17 @@ class RoomState:
         target.touch()
         self.version += 1
         self.facts_version += 1
-        holder.holding.add(target.peer_id)
+        if not holder.holding:
+            holder.holding = set()
+        holder.holding.add(target.peer_id)  # type: ignore[union-attr]
         self.deadlines[target.peer_id] = deadline
 
     def _release(self, target: Peer, reason: str, fx: Effects) -> None:
         holder_id = target.reserved_by
         assert holder_id is not None
         holder = self.peers.get(holder_id)
-        if holder is not None:
-            holder.holding.discard(target.peer_id)
+        if holder is not None and holder.holding:
+            holder.holding.discard(target.peer_id)  # type: ignore[union-attr]
         target.reserved_by = None
         target.reserved_until = None
         target.reserve_deadline = None
@@ -652,11 +670,11 @@ class RoomState:
             target = self.peers.get(target_id)
             if target is not None and target.reserved_by == peer.peer_id:
                 self._release(target, "holder_left", fx)
-        peer.holding.clear()
+        peer.holding = _NONE
         if peer.reserved_by is not None:
             holder = self.peers.get(peer.reserved_by)
-            if holder is not None:
-                holder.holding.discard(peer.peer_id)
+            if holder is not None and holder.holding:
+                holder.holding.discard(peer.peer_id)  # type: ignore[union-attr]
             self.deadlines.pop(peer.peer_id, None)
         self._notify(peer, fx, "left")
 
