@@ -44,7 +44,7 @@ REGISTER_REPLY_TIMEOUT = 5.0  # a room (perhaps on another instance) answers a R
 
 class Connection:
     __slots__ = (
-        "id", "server", "settings", "metrics", "ws", "_outbox", "_nursery", "_writer_token", "_parked", "_scope",
+        "id", "server", "settings", "metrics", "ws", "_outbox", "_nursery", "_writer_token", "_parked",
         "close_code", "close_reason", "peer_id", "room_id", "actor", "sub", "id_token_digest",
         "_bucket", "_rate_error_at", "_last_rx", "_overflowing",
     )
@@ -61,7 +61,6 @@ class Connection:
         self._nursery: trio.Nursery | None = None
         self._writer_token: object | None = None  # the running writer's, else None
         self._parked: Any = None  # the writer task while it waits for frames
-        self._scope = trio.CancelScope()
         self.close_code: int | None = None
         self.close_reason = ""
         # registration, owned by this connection's task
@@ -108,14 +107,17 @@ class Connection:
         if self.close_code is None:
             self.close_code = code
             self.close_reason = reason
-        self._scope.cancel()
+        nursery = self._nursery
+        if nursery is not None:  # (before run() starts, it sees close_code and reads nothing)
+            nursery.cancel_scope.cancel()
 
     # ------------------------------------------------------------- the task
     async def run(self) -> None:
         if _log.logger.isEnabledFor(logging.INFO):
             event(logging.INFO, "connect", conn=self.id, remote=_remote(self.ws))
         try:
-            with self._scope:
+            if self.close_code is None:
+                # The nursery's cancel scope is also what request_close() cancels.
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
                     try:
@@ -180,6 +182,7 @@ class Connection:
                 self._error(exc)
                 continue
             await self._dispatch(msg, data)
+            del msg  # an idle connection keeps no frame alive (a register holds its id_token)
 
     async def _ping(self) -> bool:
         """A WebSocket ping after silence; False (and a close) when no pong comes."""

@@ -1,4 +1,4 @@
-"""Two additions to trio-websocket: a fix applied on import (idempotent), and a batched
+"""Additions to trio-websocket: two changes applied on import (idempotent), and a batched
 send.
 
 `send_many(ws, texts)`: frames that wait in a peer's outbox together go out in one
@@ -11,14 +11,30 @@ malformed frame: 1002), trio-websocket 0.12 drops the TCP connection without sen
 close frame, so the peer never learns why. RFC 6455 allows that, but our SPEC promises
 the code: send the close frame first, then let trio-websocket finish as before.
 `tests/test_limits.py::test_invalid_utf8_closes_1007` fails if this stops working.
+
+The reader task (trio-websocket 0.12's `_reader_task`, same steps in the same order)
+with two memory fixes, since an idle registered peer is what a server holds most of:
+- trio-websocket's loop keeps its last event and last received chunk bound while it
+  waits for the next one: an idle peer's register frame (with its id_token, a kilobyte or
+  more, twice: the bytes and the decoded text) stayed alive as long as the peer stayed
+  quiet. Ours lets go of both before it waits.
+- trio-websocket builds a dict of nine bound methods per connection to dispatch events;
+  ours looks the handler up by name on a shared table.
+Only installed on the trio-websocket versions it was read against (`_READER_FOR`);
+`tests/test_limits.py::test_idle_connection_keeps_no_frame` fails if it stops working.
 """
 
 from __future__ import annotations
 
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
+import trio_websocket
+import wsproto.utilities
 from wsproto.connection import ConnectionState
-from wsproto.events import CloseConnection, TextMessage
+from wsproto.events import (
+    AcceptConnection, BytesMessage, CloseConnection, Ping, Pong, RejectConnection,
+    RejectData, Request, TextMessage,
+)
 
 _original = WebSocketConnection._handle_close_connection_event
 
@@ -32,8 +48,61 @@ async def _handle_close_connection_event(self: WebSocketConnection, event: Close
     await _original(self, event)
 
 
+_READER_FOR = {"0.12.0", "0.12.1", "0.12.2"}
+_HANDLERS = {
+    AcceptConnection: "_handle_accept_connection_event",
+    BytesMessage: "_handle_message_event",
+    CloseConnection: "_handle_close_connection_event",
+    Ping: "_handle_ping_event",
+    Pong: "_handle_pong_event",
+    RejectConnection: "_handle_reject_connection_event",
+    RejectData: "_handle_reject_data_event",
+    Request: "_handle_request_event",
+    TextMessage: "_handle_message_event",
+}
+
+
+async def _reader_task(self: WebSocketConnection) -> None:
+    """trio-websocket's reader task, holding nothing between frames (see above)."""
+    if self._initial_request:  # clients initiate the opening handshake
+        try:
+            await self._send(self._initial_request)
+        except ConnectionClosed:
+            self._reader_running = False
+    async with self._send_channel:
+        while self._reader_running:
+            for event in self._wsproto.events():
+                name = _HANDLERS.get(type(event))
+                if name is None:
+                    continue  # (trio-websocket logs a warning; wsproto has no other events)
+                try:
+                    await getattr(self, name)(event)
+                except ConnectionClosed:
+                    self._reader_running = False
+                    break
+            event = data = None  # an idle connection keeps no frame alive
+            try:
+                data = await self._stream.receive_some(self._receive_buffer_size)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                await self._abort_web_socket()
+                break
+            if len(data) == 0:  # TCP closed (before the WebSocket, if not CLOSED: abnormal)
+                if self._wsproto.state != ConnectionState.CLOSED:
+                    await self._abort_web_socket()
+                break
+            if self._wsproto.state != ConnectionState.CLOSED:
+                try:
+                    self._wsproto.receive_data(data)
+                except wsproto.utilities.RemoteProtocolError as err:
+                    if err.event_hint:
+                        await self._send(err.event_hint)
+                    await self._close_stream()
+
+
 if not getattr(WebSocketConnection, "_signaling_trio_fix", False):
     WebSocketConnection._handle_close_connection_event = _handle_close_connection_event  # type: ignore[method-assign]
+    if trio_websocket.__version__ in _READER_FOR:
+        WebSocketConnection._reader_task = _reader_task  # type: ignore[method-assign]
     WebSocketConnection._signaling_trio_fix = True  # type: ignore[attr-defined]
 
 

@@ -242,3 +242,37 @@ async def test_no_frame_waits_for_a_writer_that_lingered_out(monkeypatch, server
         assert all(conn._writer_token is None for conn in server.server.connections)
         await a.send({"type": "peer_message", "to_peer_id": "b", "payload": "last"})
         assert (await b.recv(timeout=2))["payload"] == "last"
+
+
+async def test_idle_connection_keeps_no_frame(server, room):
+    """Once handled, a frame is not kept alive by a connection that goes quiet: neither by
+    our reader nor by trio-websocket's (which kept its last chunk and event until the next
+    one arrived; signaling_trio/_wsfix.py replaces it). 32 peers each send one 3.5 kB frame
+    (under trio-websocket's 4 KiB read size, like a register with its id_token) and stay
+    idle: each copy kept is 112 kB still allocated."""
+    import gc
+    import tracemalloc
+    from contextlib import AsyncExitStack
+
+    pad = "x" * 3500
+    async with AsyncExitStack() as stack:
+        peers = [await stack.enter_async_context(ws_peer(server.ws_url)) for _ in range(32)]
+        for i, p in enumerate(peers):
+            await register(p, room, f"p{i}")
+        tracemalloc.start()
+        try:
+            # a round of small frames first, so that what every waiting connection holds
+            # anyway (its tasks' wait frames) is traced on both sides of the measure
+            for p in peers:
+                assert (await p.request({"type": "ping"}))["type"] == "pong"
+            await trio.sleep(0.1)
+            gc.collect()
+            before = tracemalloc.get_traced_memory()[0]
+            for p in peers:
+                assert (await p.request({"type": "ping", "pad": pad}))["type"] == "pong"
+            await trio.sleep(0.1)
+            gc.collect()
+            held = tracemalloc.get_traced_memory()[0] - before
+        finally:
+            tracemalloc.stop()
+        assert held < 50_000, f"{held} bytes still allocated after 32 x 3.5 kB frames"
