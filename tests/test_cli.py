@@ -184,6 +184,9 @@ async def test_cli_json_logs(tmp_path):
     assert reg["peer_id"] == "json-peer" and reg["room_id"] == room["room_id"] and reg["role"] == "worker"
     err_rec = next(r for r in records if r["event"] == "error")
     assert err_rec["code"] == "PEER_NOT_IN_ROOM"
+    # the collector tuned for a long-lived process (start-up objects frozen out of it)
+    gc_rec = next(r for r in records if r["event"] == "gc")
+    assert gc_rec["thresholds"] == [50_000, 20, 10] and gc_rec["frozen"] > 10_000
     # never payloads, SDP, metadata values or tokens
     for secret in (signin["id_token"], room["token"], "s3cr3t", "v=0 private"):
         assert secret not in err

@@ -122,3 +122,53 @@ async def test_disconnect_leaves_room_at_once(server, room):
             await trio.sleep(0.01)
     metrics = server.server.metrics_json()
     assert metrics["active_rooms"] == 0 and metrics["active_connections"] == 0 and metrics["peers_by_role"] == {}
+
+
+async def test_connections_leave_no_garbage_cycles(server, room):
+    """A connection's objects are freed by reference counting when it ends, however it
+    ends (clean close, TCP reset, replaced by a re-register elsewhere): nothing of it
+    waits for the cycle collector. `signaling-trio serve` relies on this to run the
+    collector rarely (__main__.GC_THRESHOLDS)."""
+    import gc
+    import json
+    import socket
+    from collections import Counter
+
+    from rawws import frame, raw_connect
+
+    port = int(server.ws_url.rstrip("/").rsplit(":", 1)[1])
+
+    async def reset_after_register(i: int) -> None:
+        s = await raw_connect(port)
+        msg = {"type": "register", "peer_id": f"rst{i}", "room_id": room["room_id"],
+               "token": room["token"], "id_token": room["id_token"]}
+        await s.send_all(frame(1, json.dumps(msg).encode()))
+        await trio.sleep(0.02)
+        s.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        await s.aclose()
+
+    gc.collect()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        for i in range(10):
+            async with ws_peer(server.ws_url) as p, ws_peer(server.ws_url) as q:
+                await register(p, room, f"p{i}", role="worker", metadata={"tags": ["gpu"]})
+                await register(q, room, f"q{i}")
+                await q.request({"type": "subscribe", "filters": {"role": "worker"}})
+                await q.request({"type": "reserve_peer", "peer_id": f"p{i}", "duration": 60})
+                await p.send({"type": "peer_message", "to_peer_id": f"q{i}", "payload": i})
+                assert (await q.recv())["payload"] == i
+            await reset_after_register(i)
+        await trio.sleep(0.3)
+        assert len(server.server.connections) == 0
+        gc.collect()
+        ours = Counter(
+            type(o).__module__ for o in gc.garbage
+            # (h11 objects of a WebSocket handshake belong to a wsproto one; the HTTP side
+            # of the test server, hypercorn, has cycles of its own and is not counted)
+            if type(o).__module__.split(".")[0] in ("signaling_trio", "trio_websocket", "wsproto")
+        )
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+    assert not ours, f"left for the cycle collector: {dict(ours)}"
