@@ -27,13 +27,20 @@ Only installed on the trio-websocket versions it was read against (`_READER_FOR`
 from __future__ import annotations
 
 import trio
-from trio_websocket import ConnectionClosed, WebSocketConnection
 import trio_websocket
 import wsproto.utilities
+from trio_websocket import ConnectionClosed, WebSocketConnection
 from wsproto.connection import ConnectionState
 from wsproto.events import (
-    AcceptConnection, BytesMessage, CloseConnection, Ping, Pong, RejectConnection,
-    RejectData, Request, TextMessage,
+    AcceptConnection,
+    BytesMessage,
+    CloseConnection,
+    Ping,
+    Pong,
+    RejectConnection,
+    RejectData,
+    Request,
+    TextMessage,
 )
 
 _original = WebSocketConnection._handle_close_connection_event
