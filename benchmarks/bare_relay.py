@@ -12,7 +12,8 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketRequest, serve_websocket
 
 
-async def main(port: int) -> None:
+async def serve(port: int, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+    """The relay on `port` (0: any free one), until cancelled; started() with the port."""
     peers: dict[str, object] = {}
 
     async def handler(request: WebSocketRequest) -> None:
@@ -38,7 +39,13 @@ async def main(port: int) -> None:
                 del peers[name]
 
     async with trio.open_nursery() as nursery:
-        await nursery.start(serve_websocket, handler, "127.0.0.1", port, None)
+        server = await nursery.start(serve_websocket, handler, "127.0.0.1", port, None)
+        task_status.started(server.port)
+
+
+async def main(port: int) -> None:
+    async with trio.open_nursery() as nursery:
+        await nursery.start(serve, port)
         print('{"listening": %d}' % port, flush=True)
 
 

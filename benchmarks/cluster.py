@@ -26,7 +26,7 @@ import time
 from contextlib import contextmanager
 from typing import Any, Iterator
 
-from run import CORES, HERE, RESULTS_LOGS, ROOT, _post, cpu_seconds, free_port, stop, wait_port
+from run import CORES, HERE, RESULTS_LOGS, ROOT, _post, cpu_seconds, ensure_node_modules, free_port, stop, wait_port
 
 
 def tree_cpu(pid: int) -> float:
@@ -148,8 +148,7 @@ def main() -> int:
     big = (2, 2) if q else (50, 4)
     rooms_n = 2 if q else 16
     os.makedirs(RESULTS_LOGS, exist_ok=True)
-    if not os.path.isdir(os.path.join(HERE, "node_modules", "ws")):
-        subprocess.run(["npm", "install", "--no-audit", "--no-fund", "--silent"], cwd=HERE, check=True)
+    ensure_node_modules()
     R: dict[str, Any] = {"machine": {"cores": CORES, "cpu": platform.processor() or platform.machine(),
                                       "python": platform.python_version()}}
     R["same"] = median_of(runs, same, *big, dur)

@@ -76,6 +76,12 @@ def stop(proc: subprocess.Popen, timeout: float = 10) -> None:
         proc.wait()
 
 
+def ensure_node_modules() -> None:
+    """The load generator's npm packages (`ws`, and `peer` for the PeerJS baseline)."""
+    if not os.path.isdir(os.path.join(HERE, "node_modules", "ws")):
+        subprocess.run(["npm", "install", "--no-audit", "--no-fund", "--silent"], cwd=HERE, check=True)
+
+
 def pinned(cpu: str, argv: list[str]) -> list[str]:
     return ["taskset", "-c", cpu, *argv] if CORES >= 2 else argv
 
@@ -259,8 +265,7 @@ def main() -> int:
     runs = args.runs or (1 if q else 3)
     dur = 0.5 if q else float(os.environ.get("BENCH_SECONDS", "3"))
     os.makedirs(RESULTS_LOGS, exist_ok=True)
-    if not os.path.isdir(os.path.join(HERE, "node_modules", "ws")):
-        subprocess.run(["npm", "install", "--no-audit", "--no-fund", "--silent"], cwd=HERE, check=True)
+    ensure_node_modules()
 
     R: dict[str, Any] = {"machine": {"cores": CORES, "cpu": platform.processor() or platform.machine(),
                                       "python": platform.python_version(), "server_core": SERVER_CPU, "loadgen_core": LOADGEN_CPU}}

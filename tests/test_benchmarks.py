@@ -43,3 +43,10 @@ async def test_cluster_benchmark_runs(tmp_path):
     table = (tmp_path / "cluster.md").read_text()
     for row in ("same instance", "across 2 instances", "--workers 1", "--workers 2", "workers 2 / 1"):
         assert row in table, row
+
+
+async def test_memory_breakdown_runs(tmp_path):
+    await quick_run("memory.py", tmp_path, ("node", "npm"))
+    text = (tmp_path / "memory.md").read_text()
+    assert "Python allocations per idle registered peer (50 peers" in text
+    assert "signaling_trio" in text and "bare trio-websocket" in text
