@@ -32,6 +32,7 @@ async def _main(server: SignalingServer, files: tuple[int, int]) -> None:
             nursery.start_soon(watch)
             await nursery.start(run)  # start-up errors raise here, before anything is logged
             _report_open_files(*files)
+            tune_gc()  # everything start-up made is frozen out of the collector's walks
 
 
 def _config_errors(exc: BaseException) -> list[ConfigError]:
@@ -103,7 +104,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return code
     files = raise_open_files_limit()
     server = SignalingServer(settings)
-    tune_gc()
     try:
         trio.run(_main, server, files)
     except BaseException as exc:  # noqa: BLE001 - unwrap start-up errors into one line

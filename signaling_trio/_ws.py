@@ -2,8 +2,15 @@
 
 Owns: reading frames (size, rate, UTF-8, JSON shape), registration (id_token and room
 checks against auth and the store), the connection's bounded outbox and its writer,
-the register deadline and the idle heartbeat.
+the register deadline, the stalled-reader cut-off and the idle heartbeat.
 Never touches: a room's state (it sends commands to the room's actor).
+
+Timers: a connection keeps timestamps, not cancel scopes. One server task,
+`sweep_connections`, checks every connection's register deadline, stalled send, idle
+silence and lingering writer a few times a second (`Connection.check_timers`). A trio
+cancel scope with a deadline costs ~14 us to enter and leave on this machine; the
+reader used to enter one per frame and the writer re-armed two per batch, which was a
+sixth of the CPU of a relayed message (docs/PERFORMANCE.md).
 """
 
 from __future__ import annotations
@@ -36,7 +43,9 @@ _ids = itertools.count(1)
 
 PONG = '{"type":"pong"}'
 WRITE_BATCH = 64
-WRITER_LINGER = 1.0  # seconds an idle writer task waits for more frames before it ends
+WRITER_LINGER = 2.0  # seconds an idle writer task waits for more frames before it ends
+SWEEP_PERIOD = 1.0  # at most; shorter when a configured timeout is (see _sweep_period)
+SWEEP_CHUNK = 512  # connections checked between checkpoints
 MAX_ID_LEN = 256
 MAX_TOKEN_LEN = 16384
 REGISTER_REPLY_TIMEOUT = 5.0  # a room (perhaps on another instance) answers a Register within this
@@ -45,6 +54,7 @@ REGISTER_REPLY_TIMEOUT = 5.0  # a room (perhaps on another instance) answers a R
 class Connection:
     __slots__ = (
         "id", "server", "settings", "metrics", "ws", "_outbox", "_nursery", "_writer_token", "_parked",
+        "_parked_at", "_send_since", "_pinging", "_register_by",
         "close_code", "close_reason", "peer_id", "room_id", "actor", "sub", "id_token_digest",
         "_bucket", "_rate_error_at", "_last_rx", "_overflowing",
     )
@@ -61,6 +71,9 @@ class Connection:
         self._nursery: trio.Nursery | None = None
         self._writer_token: object | None = None  # the running writer's, else None
         self._parked: Any = None  # the writer task while it waits for frames
+        self._parked_at = 0.0  # since when
+        self._send_since: float | None = None  # a send under way since (stalled-reader check)
+        self._pinging = False
         self.close_code: int | None = None
         self.close_reason = ""
         # registration, owned by this connection's task
@@ -75,6 +88,7 @@ class Connection:
         self._bucket = TokenBucket(self.settings.rate_limit, self.settings.rate_burst, trio.current_time())
         self._rate_error_at = -math.inf
         self._last_rx = trio.current_time()
+        self._register_by = self._last_rx + self.settings.register_timeout
         self._overflowing = False
 
     def __repr__(self) -> str:
@@ -138,33 +152,16 @@ class Connection:
             )
 
     async def _reader(self) -> None:
-        """Reads frames; also keeps the connection's two timers (register deadline, idle
-        ping) itself, so a connection costs two tasks of ours, not four."""
-        settings = self.settings
-        max_frame = settings.max_frame_bytes
-        ping_interval = settings.idle_ping_interval
-        register_deadline = trio.current_time() + settings.register_timeout
+        """Reads frames (the timers are check_timers', called by the sweeper)."""
+        max_frame = self.settings.max_frame_bytes
         ws = self.ws
         while True:
-            wake = self._last_rx + ping_interval
-            if self.id_token_digest is None:
-                wake = min(wake, register_deadline)
-            data: str | bytes | None = None
+            data = msg = None  # an idle connection keeps no frame alive (a register's id_token)
             try:
-                with trio.move_on_at(wake):
-                    data = await ws.get_message()
+                data = await ws.get_message()
             except ConnectionClosed:
                 return
             now = trio.current_time()
-            if data is None:
-                if self.id_token_digest is None and now >= register_deadline:
-                    event(logging.INFO, "register timeout", conn=self.id)
-                    self.metrics.register_timeouts += 1
-                    self.request_close(E.CLOSE_POLICY, "register timeout")
-                    return
-                if now - self._last_rx >= ping_interval and not await self._ping():
-                    return
-                continue
             self._last_rx = now
             if not self._take_token(now):
                 continue
@@ -182,22 +179,47 @@ class Connection:
                 self._error(exc)
                 continue
             await self._dispatch(msg, data)
-            del msg  # an idle connection keeps no frame alive (a register holds its id_token)
 
-    async def _ping(self) -> bool:
-        """A WebSocket ping after silence; False (and a close) when no pong comes."""
+    def check_timers(self, now: float) -> None:
+        """The connection's deadlines, checked by the sweeper (no awaits)."""
+        nursery = self._nursery
+        if nursery is None or self.close_code is not None:
+            return  # not running, or already closing
+        settings = self.settings
+        if self.id_token_digest is None and now >= self._register_by:
+            event(logging.INFO, "register timeout", conn=self.id)
+            self.metrics.register_timeouts += 1
+            self.request_close(E.CLOSE_POLICY, "register timeout")
+        elif self._send_since is not None and now - self._send_since >= settings.stalled_reader_timeout:
+            # a send made no progress for that long: the peer stopped reading
+            event(logging.WARNING, "stalled reader", conn=self.id, peer_id=self.peer_id)
+            self.metrics.stalled_readers += 1
+            self.request_close(E.CLOSE_POLICY, "stalled reader")
+        else:
+            if not self._pinging and now - self._last_rx >= settings.idle_ping_interval:
+                self._pinging = True
+                nursery.start_soon(self._ping)
+            if self._parked is not None and now - self._parked_at >= WRITER_LINGER:
+                # lingered out: the writer, woken without its token, ends; the next
+                # deliver() starts a new one
+                task, self._parked, self._writer_token = self._parked, None, None
+                trio.lowlevel.reschedule(task)
+
+    async def _ping(self) -> None:
+        """A WebSocket ping after silence; a close when no pong comes in time."""
         try:
-            with trio.fail_after(self.settings.idle_ping_timeout):
+            with trio.move_on_after(self.settings.idle_ping_timeout) as waited:
                 await self.ws.ping()
-        except trio.TooSlowError:
+        except ConnectionClosed:
+            return
+        finally:
+            self._pinging = False
+        if waited.cancelled_caught:
             event(logging.INFO, "ping timeout", conn=self.id, peer_id=self.peer_id)
             self.metrics.ping_timeouts += 1
             self.request_close(E.CLOSE_POLICY, "ping timeout")
-            return False
-        except ConnectionClosed:
-            return False
-        self._last_rx = trio.current_time()
-        return True
+        else:
+            self._last_rx = trio.current_time()
 
     async def _dispatch(self, msg: dict[str, Any], raw: str) -> None:
         mtype = msg["type"]
@@ -343,51 +365,66 @@ class Connection:
     # ---------------------------------------------------------- side tasks
     async def _writer(self, token: object) -> None:
         """Started by deliver() when frames wait; sends them in batches; waits a little
-        (WRITER_LINGER) for more, then ends, so an idle connection holds no writer."""
-        timeout = self.settings.stalled_reader_timeout
+        (WRITER_LINGER, ended by the sweeper) for more, then ends, so an idle connection
+        holds no writer. A send that makes no progress for stalled_reader_timeout is
+        the sweeper's to cut off (`_send_since`)."""
         ws = self.ws
         outbox = self._outbox
-        # Two cancel scopes for the writer's life, re-armed by deadline: `stall` while a
-        # send is under way (no progress for `timeout` s: the peer stopped reading, close
-        # it), `linger` while waiting for frames (nothing for a while: end quietly).
         try:
-            with trio.CancelScope() as stall, trio.CancelScope() as linger:
-                while True:
-                    if not outbox:
-                        linger.deadline = trio.current_time() + WRITER_LINGER
-                        await self._park(token)
-                        linger.deadline = math.inf
-                        continue
-                    batch = outbox[:WRITE_BATCH]
-                    del outbox[:WRITE_BATCH]
-                    stall.deadline = trio.current_time() + timeout
-                    try:
-                        await send_many(ws, batch)
-                    except ConnectionClosed:
-                        return
-                    stall.deadline = math.inf
+            while True:
+                if not outbox:
+                    await self._park(token)
+                    if self._writer_token is not token:
+                        return  # lingered out (check_timers let go of it)
+                    continue
+                batch = outbox[:WRITE_BATCH]
+                del outbox[:WRITE_BATCH]
+                self._send_since = trio.current_time()
+                try:
+                    await send_many(ws, batch)
+                except ConnectionClosed:
+                    return
+                finally:
+                    self._send_since = None
         finally:
             if self._writer_token is token:
                 self._writer_token = None
                 self._parked = None
-        if stall.cancelled_caught:
-            event(logging.WARNING, "stalled reader", conn=self.id, peer_id=self.peer_id)
-            self.metrics.stalled_readers += 1
-            self.request_close(E.CLOSE_POLICY, "stalled reader")
 
-    async def _park(self, token: object) -> None:
-        """Wait for deliver() (the cheapest wake-up trio has: no channel, no event)."""
+    async def _park(self, token: object) -> Any:
+        """Wait for deliver(), or for check_timers() to end the linger: the cheapest
+        wake-up trio has, no channel, no event, no deadline."""
         self._parked = trio.lowlevel.current_task()
+        self._parked_at = trio.current_time()
 
         def abort(_: Any) -> trio.lowlevel.Abort:
-            # Lingered out (or the connection ends): from now on deliver() starts a new
-            # writer, even before this one has finished unwinding.
+            # The connection ends: from now on deliver() starts a new writer (it finds
+            # no nursery, so none), even before this one has finished unwinding.
             if self._writer_token is token:
                 self._writer_token = None
                 self._parked = None
             return trio.lowlevel.Abort.SUCCEEDED
 
-        await trio.lowlevel.wait_task_rescheduled(abort)
+        return await trio.lowlevel.wait_task_rescheduled(abort)
+
+
+def _sweep_period(settings: Any) -> float:
+    return min(SWEEP_PERIOD, WRITER_LINGER / 2, settings.register_timeout / 4, settings.idle_ping_interval / 4,
+               settings.stalled_reader_timeout / 4)
+
+
+async def sweep_connections(server: "SignalingServer") -> None:
+    """Every connection's timers (Connection.check_timers), a few times a second, in
+    chunks with a checkpoint between, so 20,000 idle peers never hold the loop for long."""
+    while True:
+        await trio.sleep(_sweep_period(server.settings))
+        conns = list(server.connections)
+        for i in range(0, len(conns), SWEEP_CHUNK):
+            if i:
+                await trio.lowlevel.checkpoint()
+            now = trio.current_time()
+            for conn in conns[i:i + SWEEP_CHUNK]:
+                conn.check_timers(now)
 
 
 def _remote(ws: WebSocketConnection) -> str:

@@ -30,7 +30,7 @@ from ._metrics import Metrics
 from ._oidc import OidcVerifier
 from ._prometheus import PrometheusExporter
 from ._rooms import RoomSupervisor
-from ._ws import Connection, handle_request
+from ._ws import Connection, handle_request, sweep_connections
 from .auth import LocalAuthority, Verifier
 from .config import ConfigError, Settings
 from .protocol import errors as E
@@ -162,6 +162,7 @@ class SignalingServer:
                 if self.oidc is not None:
                     await root.start(self.oidc.run)
                 root.start_soon(self._purge_loop)
+                root.start_soon(sweep_connections, self)  # every connection's timers
                 async with trio.open_nursery() as listeners:
                     ws_listener = trio.SocketListener(trio.socket.from_stdlib_socket(ws_sock))
                     ws_server = WebSocketServer(
