@@ -46,6 +46,7 @@ WRITE_BATCH = 64
 WRITER_LINGER = 2.0  # seconds an idle writer task waits for more frames before it ends
 SWEEP_PERIOD = 1.0  # at most; shorter when a configured timeout is (see _sweep_period)
 SWEEP_CHUNK = 512  # connections checked between checkpoints
+SWEEP_WAKES = 32  # tasks woken (or started) between checkpoints
 MAX_ID_LEN = 256
 MAX_TOKEN_LEN = 16384
 REGISTER_REPLY_TIMEOUT = 5.0  # a room (perhaps on another instance) answers a Register within this
@@ -180,30 +181,36 @@ class Connection:
                 continue
             await self._dispatch(msg, data)
 
-    def check_timers(self, now: float) -> None:
-        """The connection's deadlines, checked by the sweeper (no awaits)."""
+    def check_timers(self, now: float) -> bool:
+        """The connection's deadlines, checked by the sweeper (no awaits). True when it
+        woke or started a task (the sweeper lets those run before it wakes many more)."""
         nursery = self._nursery
         if nursery is None or self.close_code is not None:
-            return  # not running, or already closing
+            return False  # not running, or already closing
         settings = self.settings
         if self.id_token_digest is None and now >= self._register_by:
             event(logging.INFO, "register timeout", conn=self.id)
             self.metrics.register_timeouts += 1
             self.request_close(E.CLOSE_POLICY, "register timeout")
-        elif self._send_since is not None and now - self._send_since >= settings.stalled_reader_timeout:
+            return True
+        if self._send_since is not None and now - self._send_since >= settings.stalled_reader_timeout:
             # a send made no progress for that long: the peer stopped reading
             event(logging.WARNING, "stalled reader", conn=self.id, peer_id=self.peer_id)
             self.metrics.stalled_readers += 1
             self.request_close(E.CLOSE_POLICY, "stalled reader")
-        else:
-            if not self._pinging and now - self._last_rx >= settings.idle_ping_interval:
-                self._pinging = True
-                nursery.start_soon(self._ping)
-            if self._parked is not None and now - self._parked_at >= WRITER_LINGER:
-                # lingered out: the writer, woken without its token, ends; the next
-                # deliver() starts a new one
-                task, self._parked, self._writer_token = self._parked, None, None
-                trio.lowlevel.reschedule(task)
+            return True
+        woke = False
+        if not self._pinging and now - self._last_rx >= settings.idle_ping_interval:
+            self._pinging = True
+            nursery.start_soon(self._ping)
+            woke = True
+        if self._parked is not None and now - self._parked_at >= WRITER_LINGER:
+            # lingered out: the writer, woken without its token, ends; the next
+            # deliver() starts a new one
+            task, self._parked, self._writer_token = self._parked, None, None
+            trio.lowlevel.reschedule(task)
+            woke = True
+        return woke
 
     async def _ping(self) -> None:
         """A WebSocket ping after silence; a close when no pong comes in time."""
@@ -414,17 +421,22 @@ def _sweep_period(settings: Any) -> float:
 
 
 async def sweep_connections(server: "SignalingServer") -> None:
-    """Every connection's timers (Connection.check_timers), a few times a second, in
-    chunks with a checkpoint between, so 20,000 idle peers never hold the loop for long."""
+    """Every connection's timers (Connection.check_timers), a few times a second. It
+    yields after every SWEEP_CHUNK connections checked and every SWEEP_WAKES tasks woken
+    (20,000 writers lingering out together must not run as one scheduler batch: a probe's
+    round trips would wait behind them)."""
     while True:
         await trio.sleep(_sweep_period(server.settings))
-        conns = list(server.connections)
-        for i in range(0, len(conns), SWEEP_CHUNK):
-            if i:
+        checked = woken = 0
+        now = trio.current_time()
+        for conn in list(server.connections):
+            if conn.check_timers(now):
+                woken += 1
+            checked += 1
+            if checked >= SWEEP_CHUNK or woken >= SWEEP_WAKES:
                 await trio.lowlevel.checkpoint()
-            now = trio.current_time()
-            for conn in conns[i:i + SWEEP_CHUNK]:
-                conn.check_timers(now)
+                checked = woken = 0
+                now = trio.current_time()
 
 
 def _remote(ws: WebSocketConnection) -> str:
