@@ -237,7 +237,27 @@ def presence(subscribers: int, updaters: int, duration: float) -> dict[str, Any]
 
 # ------------------------------------------------------------------ driver
 def median_of(runs: int, fn, *args) -> dict[str, Any]:
-    results = [fn(*args) for _ in range(runs)]
+    return summarize([fn(*args) for _ in range(runs)])
+
+
+def interleaved(runs: int, kinds: list[str], fn, *args) -> dict[str, dict[str, Any]]:
+    """fn(kind, *args) for every kind in turn, `runs` rounds. This machine's speed drifts
+    by tens of percent within minutes: interleaved, a slow spell hits every server of a
+    round alike, and each round's ratio to the baseline is taken within the round."""
+    results: dict[str, list[dict[str, Any]]] = {kind: [] for kind in kinds}
+    for _ in range(runs):
+        for kind in kinds:
+            results[kind].append(fn(kind, *args))
+    return {kind: summarize(rs) for kind, rs in results.items()}
+
+
+def round_ratios(a: dict[str, Any], b: dict[str, Any], key: str, diff: bool = False) -> dict[str, Any]:
+    """Per-round a/b (or a-b) of `key` over interleaved runs, and their median."""
+    vals = [(x[key] - y[key]) if diff else x[key] / y[key] for x, y in zip(a["runs"], b["runs"])]
+    return {"median": statistics.median(vals), "rounds": vals}
+
+
+def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {"runs": results}
     for key, value in results[0].items():
         if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -272,13 +292,17 @@ def main() -> int:
     kinds = ["bare", "ours", "peerjs"]
     if "relay" in only:
         big = (2, 2) if q else (50, 4)
-        for kind in kinds:
-            R[f"relay_{kind}"] = median_of(runs, relay, kind, *big, dur)
-            R[f"rtt_{kind}"] = median_of(runs, relay, kind, 1, 1, dur)
+        for kind, res in interleaved(runs, kinds, relay, *big, dur).items():
+            R[f"relay_{kind}"] = res
+        for kind, res in interleaved(runs, kinds, relay, 1, 1, dur).items():
+            R[f"rtt_{kind}"] = res
+        R["ratio_relay"] = round_ratios(R["relay_ours"], R["relay_bare"], "msgs_per_s")
+        R["ratio_rtt"] = round_ratios(R["rtt_ours"], R["rtt_bare"], "rtt_p50_ms")
     if "capacity" in only:
         k = 50 if q else 5000
-        for kind in kinds:
-            R[f"capacity_{kind}"] = median_of(runs, capacity, kind, k)
+        for kind, res in interleaved(runs, kinds, capacity, k).items():
+            R[f"capacity_{kind}"] = res
+        R["diff_rss"] = round_ratios(R["capacity_ours"], R["capacity_bare"], "rss_per_peer_kb", diff=True)
     if "discover" in only:
         n1, n2 = (100, 200) if q else (1000, 10000)
         # populate(): every 4th peer is a worker (25% match), `slot` cycles 0..99 (1% match)
@@ -303,6 +327,12 @@ def main() -> int:
     return 0
 
 
+def per_round(r: dict[str, Any], spec: str, each: str = "{:.2f}") -> str:
+    """The median of per-round figures, and each round's (interleaved runs)."""
+    rounds = ", ".join(each.format(v) for v in r["rounds"])
+    return f"{spec.format(r['median'])} (rounds: {rounds})" if len(r["rounds"]) > 1 else spec.format(r["median"])
+
+
 def render(R: dict[str, Any], quick: bool) -> str:
     lines = [f"machine: {R['machine']}", "", "| figure | signaling_trio | bare trio-websocket | PeerJS | ratio |", "|---|---|---|---|---|"]
 
@@ -312,16 +342,16 @@ def render(R: dict[str, Any], quick: bool) -> str:
     if "relay_ours" in R:
         o, b, p = R["relay_ours"], R["relay_bare"], R["relay_peerjs"]
         row("relay 50x4 delivered msgs/s" if not quick else "relay 2x2 msgs/s", fmt(o["msgs_per_s"]), fmt(b["msgs_per_s"]), fmt(p["msgs_per_s"]),
-            f"{o['msgs_per_s'] / b['msgs_per_s']:.2f} x bare")
+            per_round(R["ratio_relay"], "{:.2f} x bare"))
         row("  server / loadgen CPU %", f"{fmt(o['server_cpu_pct'])} / {fmt(o['loadgen_cpu_pct'])}",
             f"{fmt(b['server_cpu_pct'])} / {fmt(b['loadgen_cpu_pct'])}", f"{fmt(p['server_cpu_pct'])} / {fmt(p['loadgen_cpu_pct'])}")
         o, b, p = R["rtt_ours"], R["rtt_bare"], R["rtt_peerjs"]
         row("relay 1x1 RTT p50 ms", fmt(o["rtt_p50_ms"], ".3f"), fmt(b["rtt_p50_ms"], ".3f"), fmt(p["rtt_p50_ms"], ".3f"),
-            f"{o['rtt_p50_ms'] / b['rtt_p50_ms']:.2f} x bare")
+            per_round(R["ratio_rtt"], "{:.2f} x bare"))
     if "capacity_ours" in R:
         o, b, p = R["capacity_ours"], R["capacity_bare"], R["capacity_peerjs"]
         row(f"RSS per idle registered peer KB ({o['count']:,} held)", fmt(o["rss_per_peer_kb"], ".1f"), fmt(b["rss_per_peer_kb"], ".1f"), fmt(p["rss_per_peer_kb"], ".1f"),
-            f"bare + {o['rss_per_peer_kb'] - b['rss_per_peer_kb']:.1f} KB")
+            per_round(R["diff_rss"], "bare {:+.1f} KB", "{:+.1f}"))
         row("server CPU per connect+register ms", fmt(o["server_cpu_ms_per_connect"], ".3f"), fmt(b["server_cpu_ms_per_connect"], ".3f"),
             fmt(p["server_cpu_ms_per_connect"], ".3f"))
     for key, value in R.items():
