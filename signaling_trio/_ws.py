@@ -7,10 +7,10 @@ Never touches: a room's state (it sends commands to the room's actor).
 
 Timers: a connection keeps timestamps, not cancel scopes. One server task,
 `sweep_connections`, checks every connection's register deadline, stalled send, idle
-silence and lingering writer a few times a second (`Connection.check_timers`). A trio
-cancel scope with a deadline costs ~14 us to enter and leave on this machine; the
-reader used to enter one per frame and the writer re-armed two per batch, which was a
-sixth of the CPU of a relayed message (docs/PERFORMANCE.md).
+silence and lingering writer a few times a second (`Connection.check_timers`). The
+reader used to wait under a deadline cancel scope per frame (~600 bytes while an idle
+peer waits, ~14 us to enter and leave) and the writer moved two deadlines per batch;
+docs/PERFORMANCE.md has what removing them measured.
 """
 
 from __future__ import annotations
@@ -398,7 +398,7 @@ class Connection:
                 self._writer_token = None
                 self._parked = None
 
-    async def _park(self, token: object) -> Any:
+    async def _park(self, token: object) -> None:
         """Wait for deliver(), or for check_timers() to end the linger: the cheapest
         wake-up trio has, no channel, no event, no deadline."""
         self._parked = trio.lowlevel.current_task()
@@ -412,7 +412,7 @@ class Connection:
                 self._parked = None
             return trio.lowlevel.Abort.SUCCEEDED
 
-        return await trio.lowlevel.wait_task_rescheduled(abort)
+        await trio.lowlevel.wait_task_rescheduled(abort)
 
 
 def _sweep_period(settings: Any) -> float:
