@@ -43,14 +43,16 @@ async def _child(target: str, count: int) -> dict:
             buf += chunk
         return proc
 
-    async def measure(cfg: dict) -> dict:
+    async def measure(cfg: dict, settle: float) -> dict:
+        """`settle`: seconds after the peers go idle until the server holds nothing
+        transient for them (ours: until their writer tasks have lingered out)."""
         warm = await loadgen({**cfg, "count": 50, "tag": "warm"})
-        await trio.sleep(1.5)  # (writers linger 1 s after their last frame)
+        await trio.sleep(settle)
         gc.collect()
         tracemalloc.start(4)
         before = tracemalloc.take_snapshot()
         proc = await loadgen({**cfg, "count": count, "tag": "m"})
-        await trio.sleep(2.0)
+        await trio.sleep(settle)
         gc.collect()
         after = tracemalloc.take_snapshot()
         tracemalloc.stop()
@@ -64,18 +66,22 @@ async def _child(target: str, count: int) -> dict:
         }
 
     if target == "ours":
+        from signaling_trio._ws import SWEEP_PERIOD, WRITER_LINGER
         from signaling_trio.testing import open_test_server
+
+        # a writer ends WRITER_LINGER after its last frame, at the sweep after that
+        settle = WRITER_LINGER + SWEEP_PERIOD + 0.5
 
         async with open_test_server(rate_limit=0, max_room_peers=100_000) as srv:
             room = await srv.new_room()
-            return await measure({"scenario": "capacity", "target": "ours", "ws_url": srv.ws_url, **room})
+            return await measure({"scenario": "capacity", "target": "ours", "ws_url": srv.ws_url, **room}, settle)
 
     sys.path.insert(0, HERE)
     from bare_relay import serve
 
     async with trio.open_nursery() as nursery:
         port = await nursery.start(serve, 0)
-        result = await measure({"scenario": "capacity", "target": "bare", "ws_url": f"ws://127.0.0.1:{port}/"})
+        result = await measure({"scenario": "capacity", "target": "bare", "ws_url": f"ws://127.0.0.1:{port}/"}, 1.5)
         nursery.cancel_scope.cancel()
     return result
 
