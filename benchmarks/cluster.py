@@ -58,6 +58,7 @@ def instance(redis_url: str, workers: int = 1) -> Iterator[dict[str, Any]]:
     argv = [sys.executable, "-m", "signaling_trio", "serve", "--host", "127.0.0.1", "--ws-port", str(ws_port),
             "--http-port", str(http_port), "--store", redis_url, "--workers", str(workers),
             "--rate-limit", "1000000000", "--rate-burst", "1000000000", "--max-room-peers", "100000",
+            "--http-rate-limit", "0",
             "--log-level", "warning"]
     log = open(os.path.join(RESULTS_LOGS, f"cluster-{ws_port}.log"), "w")
     proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)

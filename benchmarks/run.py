@@ -96,6 +96,7 @@ def server(kind: str) -> Iterator[dict[str, Any]]:
                 "--ws-port", str(ws_port), "--http-port", str(http_port), "--store", "memory",
                 # limits on, but out of the way of a benchmark
                 "--rate-limit", "1000000000", "--rate-burst", "1000000000", "--max-room-peers", "100000",
+                "--http-rate-limit", "0",
                 "--log-level", "warning"]
         info["http"] = f"http://127.0.0.1:{http_port}"
         info["ws_url"] = f"ws://127.0.0.1:{ws_port}/"

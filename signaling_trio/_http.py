@@ -13,16 +13,18 @@ import time
 import uuid
 from typing import TYPE_CHECKING, Any
 
+import orjson
 import trio
 from quart import request
 from quart_trio import QuartTrio
+from werkzeug.exceptions import HTTPException
 
 from . import __version__
 from ._log import event
 from ._prometheus import negotiate
 from .auth import AuthError
 from .protocol import errors as E
-from .store import RoomRecord, StoreUnavailable, bounded, hash_token
+from .store import RoomRecord, StoreFull, StoreUnavailable, bounded, hash_token
 
 if TYPE_CHECKING:
     from .server import SignalingServer
@@ -57,13 +59,22 @@ def create_app(server: "SignalingServer") -> QuartTrio:
     async def _bad_method(exc: Any) -> Any:
         return {"error": "METHOD_NOT_ALLOWED", "message": f"{request.method} is not allowed on {request.path}"}, 405
 
-    @app.errorhandler(413)
-    async def _too_large(exc: Any) -> Any:
-        return {"error": E.MESSAGE_TOO_LARGE, "message": "request body too large"}, 413
+    @app.errorhandler(HTTPException)
+    async def _http_exception(exc: HTTPException) -> Any:
+        code = (exc.name or "error").upper().replace(" ", "_")
+        return {"error": code, "message": exc.description or code}, exc.code or 400
+
+    @app.errorhandler(Exception)
+    async def _bug(exc: Exception) -> Any:
+        # one line, no traceback: a request must never be able to flood the log
+        event(logging.ERROR, "http handler failed", path=request.path, error=type(exc).__name__)
+        return {"error": "INTERNAL_ERROR", "message": "the server failed to handle this request"}, 500
 
     async def store_call(coro_fn: Any, *args: Any) -> Any:
         try:
             return await bounded(coro_fn, *args)
+        except StoreFull:
+            raise HttpError(507, E.STORE_UNAVAILABLE, "the room store is out of space; nothing was changed") from None
         except StoreUnavailable:
             raise HttpError(503, E.STORE_UNAVAILABLE, "the room store cannot be reached") from None
 
@@ -88,12 +99,13 @@ def create_app(server: "SignalingServer") -> QuartTrio:
             raise HttpError(401, E.INVALID_ID_TOKEN, str(exc)) from None
 
     async def body() -> dict[str, Any]:
-        data = await request.get_json(force=True, silent=True)
-        if data is None:
-            raw = await request.get_data()
-            if not raw:
-                return {}
-            raise HttpError(400, E.INVALID_JSON, "the body must be a JSON object")
+        raw = await request.get_data()
+        if not raw:
+            return {}
+        try:
+            data = orjson.loads(raw)  # invalid UTF-8 is a JSONDecodeError too
+        except orjson.JSONDecodeError:
+            raise HttpError(400, E.INVALID_JSON, "the body must be a JSON object") from None
         if not isinstance(data, dict):
             raise HttpError(400, E.INVALID_MESSAGE, "the body must be a JSON object")
         return data

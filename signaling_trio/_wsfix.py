@@ -1,5 +1,12 @@
-"""Additions to trio-websocket: two changes applied on import (idempotent), and a batched
-send.
+"""Additions to trio-websocket: two changes applied on import (idempotent), a batched
+send, and the server side of a connection's handshake.
+
+`handle_connection(server, stream)`: what `WebSocketServer` does with an accepted stream
+(trio-websocket 0.12's `_handle_connection`, same steps), except that a client that
+closes before its handshake request is complete releases the descriptor at once: in
+trio-websocket it is held until `connect_timeout`, so a burst of abandoned handshakes
+kept the process out of descriptors for that long.
+`tests/test_http_attacks.py::test_abandoned_ws_handshakes_release_at_once` fails if this stops working.
 
 `send_many(ws, texts)`: frames that wait in a peer's outbox together go out in one
 `send_all` (one syscall) instead of one each. It uses the connection's wsproto state,
@@ -29,7 +36,8 @@ from __future__ import annotations
 import trio
 import trio_websocket
 import wsproto.utilities
-from trio_websocket import ConnectionClosed, WebSocketConnection
+from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketServer
+from wsproto import ConnectionType, WSConnection
 from wsproto.connection import ConnectionState
 from wsproto.events import (
     AcceptConnection,
@@ -130,3 +138,36 @@ async def send_many(ws: WebSocketConnection, texts: list[str]) -> None:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             await ws._abort_web_socket()
             raise ConnectionClosed(ws._close_reason) from None
+
+
+_ABANDONED = object()  # the handshake "request" of a client that closed before sending one
+
+
+async def handle_connection(server: WebSocketServer, stream: trio.SocketStream) -> None:
+    if trio_websocket.__version__ not in _READER_FOR:
+        await server._handle_connection(stream)
+        return
+    async with trio.open_nursery() as nursery:
+        connection = WebSocketConnection(
+            stream, WSConnection(ConnectionType.SERVER), message_queue_size=server._message_queue_size,
+            max_message_size=server._max_message_size, receive_buffer_size=server._receive_buffer_size)
+        nursery.start_soon(_read_then_give_up, connection)
+        request = None
+        with trio.move_on_after(server._connect_timeout):
+            request = await connection._get_request()
+        if request is None or request is _ABANDONED:
+            nursery.cancel_scope.cancel()
+            await stream.aclose()
+            return
+        try:
+            await server._handler(request)
+        finally:
+            with trio.move_on_after(server._disconnect_timeout):
+                await connection.aclose()
+
+
+async def _read_then_give_up(connection: WebSocketConnection) -> None:
+    await connection._reader_task()
+    proposal = connection._connection_proposal
+    if proposal is not None and not proposal._value_event.is_set():
+        proposal.set_value(_ABANDONED)  # type: ignore[arg-type]

@@ -45,6 +45,8 @@ class Settings:
     room_inbox_size: int = 256
     shutdown_timeout: float = 4.0
     workers: int = 1
+    http_rate_limit: float = 600.0
+    http_request_timeout: float = 10.0
     reuse_port: bool = False  # set for --workers' children (SIGNALING_REUSE_PORT=1)
 
     def with_changes(self, **changes: Any) -> "Settings":
@@ -79,6 +81,8 @@ _OPTIONS: list[tuple[str, type, str]] = [
     ("stalled_reader_timeout", float, "seconds a peer's outbox may stay full"),
     ("idle_ping_interval", float, "seconds of silence before the server pings a connection"),
     ("idle_ping_timeout", float, "seconds to wait for the pong before closing"),
+    ("http_rate_limit", float, "sign-ins and room creations per minute per client address (0 turns it off)"),
+    ("http_request_timeout", float, "seconds an HTTP request's body may take to arrive"),
     ("workers", int, "processes sharing the ports (SO_REUSEPORT); more than 1 needs --store redis://"),
 ]
 
@@ -155,7 +159,7 @@ def validate(s: Settings) -> Settings:
         raise ConfigError(f"--log-level {s.log_level!r}: use debug, info, warning or error")
     positive = ("room_ttl", "token_lifetime", "max_frame_bytes", "max_metadata_bytes", "max_room_peers",
                 "rate_burst", "register_timeout", "stalled_reader_timeout", "idle_ping_interval",
-                "idle_ping_timeout")
+                "idle_ping_timeout", "http_request_timeout")
     for name in positive:
         if getattr(s, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive")
@@ -165,8 +169,9 @@ def validate(s: Settings) -> Settings:
         raise ConfigError("--workers above 1 needs --store redis://HOST:PORT/DB (the workers share rooms through Redis)")
     if s.workers > 1 and 0 in (s.ws_port, s.http_port):
         raise ConfigError("--workers above 1 needs fixed ports (the workers share them)")
-    if s.rate_limit < 0:
-        raise ConfigError("--rate-limit must be 0 (off) or positive")
+    for name in ("rate_limit", "http_rate_limit"):
+        if getattr(s, name) < 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be 0 (off) or positive")
     return s
 
 

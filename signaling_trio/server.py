@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime
 import errno
-import os
 import logging
 import socket
 import time
@@ -18,19 +17,20 @@ from functools import partial
 from typing import Any
 
 import trio
-from hypercorn.config import Config as HypercornConfig
-from hypercorn.trio import serve as hypercorn_serve
 from trio_websocket import WebSocketServer
 
-from . import _log
+from ._accept import serve_listener
 from ._cluster import Cluster
 from ._http import create_app
+from ._httpguard import HttpGuard
+from ._httpserve import serve_http
 from ._log import event
 from ._metrics import Metrics
 from ._oidc import OidcVerifier
 from ._prometheus import PrometheusExporter
 from ._rooms import RoomSupervisor
 from ._ws import Connection, handle_request, sweep_connections
+from ._wsfix import handle_connection
 from .auth import LocalAuthority, Verifier
 from .config import ConfigError, Settings
 from .protocol import errors as E
@@ -167,7 +167,7 @@ class SignalingServer:
                     ws_listener = trio.SocketListener(trio.socket.from_stdlib_socket(ws_sock))
                     ws_server = WebSocketServer(
                         partial(handle_request, self),
-                        [ws_listener],
+                        [ws_listener],  # accepted by serve_listener, not ws_server.run
                         handler_nursery=root,
                         # a few frames of read-ahead per connection: fewer task switches
                         # between trio-websocket's reader and ours under load
@@ -180,13 +180,15 @@ class SignalingServer:
 
                     async def run_ws(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
                         with ws_scope:
-                            await ws_server.run(task_status=task_status)
+                            await serve_listener(ws_listener, partial(handle_connection, ws_server), handler_nursery=root,
+                                                 what="ws", on_crash=self._connection_crashed,
+                                                 task_status=task_status)
 
                     await listeners.start(run_ws)
                     http_stop = trio.Event()
                     await listeners.start(partial(
-                        hypercorn_serve, create_app(self), self._hypercorn_config(http_sock),
-                        shutdown_trigger=http_stop.wait,
+                        serve_http, self._http_app(), trio.socket.from_stdlib_socket(http_sock),
+                        stop=http_stop, on_crash=self._connection_crashed,
                     ))
                     event(logging.INFO, "listening", ws=self.info.ws_url, http=self.info.http_url,
                           store=s.store_kind, auth=s.auth, version=_version())
@@ -215,15 +217,13 @@ class SignalingServer:
                     pass
             event(logging.INFO, "stopped")
 
-    def _hypercorn_config(self, sock: socket.socket) -> HypercornConfig:
-        config = HypercornConfig()
-        config.bind = [f"fd://{os.dup(sock.fileno())}"]  # hypercorn owns (and closes) its copy
-        config.accesslog = None
-        config.errorlog = _log.logger.getChild("http")
-        config.graceful_timeout = 1.0
-        config.keep_alive_timeout = 5
-        config.h11_max_incomplete_size = 16 * 1024
-        return config
+    def _http_app(self) -> HttpGuard:
+        s = self.settings
+        return HttpGuard(create_app(self), rate_limit=s.http_rate_limit, body_timeout=s.http_request_timeout,
+                         ws_port=lambda: self.info.ws_port if self.info else None)
+
+    def _connection_crashed(self) -> None:
+        self.metrics.connection_crashes += 1
 
     async def _purge_loop(self) -> None:
         while True:

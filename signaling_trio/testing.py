@@ -3,7 +3,8 @@
     async with open_test_server(max_room_peers=5) as srv:
         srv.ws_url, srv.http_url, srv.server  # the live SignalingServer
 
-Options are Settings fields. Defaults: host 127.0.0.1, ports 0, store `memory`,
+Options are Settings fields. Defaults: host 127.0.0.1, ports 0, store `memory`, no HTTP
+rate limit (a test suite signs in and creates rooms faster than any lab),
 warnings-only logging is left to the caller.
 """
 
@@ -88,7 +89,7 @@ class TestServer:
 
 @asynccontextmanager
 async def open_test_server(**options: Any) -> AsyncIterator[TestServer]:
-    base = {"host": "127.0.0.1", "ws_port": 0, "http_port": 0, "store": "memory"}
+    base = {"host": "127.0.0.1", "ws_port": 0, "http_port": 0, "store": "memory", "http_rate_limit": 0}
     base.update(options)
     settings = validate(Settings(**base))
     server = SignalingServer(settings)

@@ -31,6 +31,10 @@ class StoreUnavailable(Exception):
     """The store cannot be reached or written; clients get STORE_UNAVAILABLE / 503."""
 
 
+class StoreFull(StoreUnavailable):
+    """The store is reachable but out of space (a full disk); HTTP answers 507."""
+
+
 @dataclass(frozen=True)
 class RoomRecord:
     room_id: str
@@ -94,4 +98,4 @@ def open_store(settings: Settings) -> Store:
     raise ConfigError(f"--store {settings.store!r}: unknown store scheme")
 
 
-__all__ = ["RoomRecord", "Store", "StoreUnavailable", "bounded", "hash_token", "open_store"]
+__all__ = ["RoomRecord", "Store", "StoreFull", "StoreUnavailable", "bounded", "hash_token", "open_store"]

@@ -6,6 +6,7 @@ connection is only ever used by one thread at once, and the event loop never blo
 
 from __future__ import annotations
 
+import errno
 import os
 import sqlite3
 import time
@@ -13,7 +14,7 @@ from typing import Any, Callable, TypeVar
 
 import trio
 
-from . import ClosingStore, RoomRecord, StoreUnavailable
+from . import ClosingStore, RoomRecord, StoreFull, StoreUnavailable
 
 T = TypeVar("T")
 
@@ -55,7 +56,8 @@ class SqliteStore(ClosingStore):
             try:
                 return fn(self._connect())
             except (sqlite3.Error, OSError) as exc:
-                raise StoreUnavailable(f"sqlite store {self.path}: {exc}") from exc
+                kind = StoreFull if _is_full(exc) else StoreUnavailable
+                raise kind(f"sqlite store {self.path}: {exc}") from exc
 
         # abandon_on_cancel: a caller's deadline fires even while sqlite is stuck (a
         # locked or stalled file); the thread keeps the limiter until it is done.
@@ -107,3 +109,9 @@ class SqliteStore(ClosingStore):
         if self._db is not None:
             with trio.CancelScope(shield=True), trio.move_on_after(2):
                 await trio.to_thread.run_sync(lambda: close(self._db), limiter=self._limiter)  # type: ignore[arg-type]
+
+
+def _is_full(exc: Exception) -> bool:
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    return getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or "full" in str(exc)
