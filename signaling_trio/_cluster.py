@@ -42,24 +42,28 @@ from ._log import event
 from ._rooms import Call, Leave, Message, Register, RoomActor
 from .protocol import errors as E
 from .protocol import metadata as md
-from .protocol.messages import decode, dumps
+from .protocol.messages import ANSWERED_TYPES, decode, dumps
 from .store import StoreUnavailable
 
 if TYPE_CHECKING:
     from .server import SignalingServer
 
 PREFIX = "signaling"
-LEASE_MS = 3000  # a lease lives this long unless renewed
+LEASE_MS = 2500  # a lease lives this long unless renewed
 RENEW = 1.0  # owners renew their leases this often
+RENEW_RETRY = 0.2  # and this often while Redis does not answer
 HEARTBEAT = 1.0  # instances tell owners who is in their rooms this often
 SILENT_AFTER = 4.0  # an instance not heard from this long has lost its connections
-TAKEOVER_AFTER = 1.5  # a lease missing this long (its owner could have renewed) is taken
+TAKEOVER_AFTER = 0.9  # a lease seen missing on two heartbeats in a row is taken
 REPLY_TIMEOUT = 5.0  # longest wait for another instance's answer
 LINK_QUEUE = 20000  # items queued for one destination instance before drops
 PUBLISH_BATCH = 512
 OUTLINK_IDLE = 60.0  # a publisher task with nothing to send for this long ends
 STATS_EVERY = 2.0
 REDIS_TIMEOUT = 2.0
+PUBLISH_RETRY_FOR = 10.0  # a batch that cannot be published (Redis away) is retried this long
+PUBLISH_RETRY_EVERY = 0.25
+REQUEST_DEADLINE = 15.0  # a request unanswered this long through a room's move gets ROOM_UNAVAILABLE
 CARRY_WINDOW = 10.0  # after a room moved, how long its old subscriptions/reservations wait for their peers
 MAX_FACTS_BYTES = 256 * 1024  # beyond this a room's saved facts leave out who-knows-whom lists
 
@@ -128,23 +132,44 @@ class Outlink:
                         batch.append(recv.receive_nowait())
                     except trio.WouldBlock:
                         break
-                payload = orjson.dumps({"f": cluster.id, "i": batch})
-                try:
-                    with trio.fail_after(REDIS_TIMEOUT):
-                        await cluster.redis.publish(self.channel, payload)
-                    cluster.metrics.cluster_sent += len(batch)
-                except (coredis.exceptions.RedisError, trio.TooSlowError, OSError) as exc:
-                    cluster.metrics.cluster_drops += len(batch)
-                    event(logging.WARNING, "cluster publish failed", to=self.target,
-                          items=len(batch), error=type(exc).__name__)
+                # "n": this instance's batch number, increasing: a batch published twice (a
+                # retry after a publish that did go through) is taken once
+                await self._publish(orjson.dumps({"f": cluster.id, "n": next(cluster.batches), "i": batch}),
+                                    len(batch))
+
+    async def _publish(self, payload: bytes, count: int) -> None:
+        """Publish one batch. While Redis is away, or nobody receives it (the target is
+        resubscribing after a Redis restart, or is gone), retry it, in order (nothing
+        behind it overtakes), for up to PUBLISH_RETRY_FOR; then count it dropped."""
+        cluster = self.cluster
+        give_up = trio.current_time() + PUBLISH_RETRY_FOR
+        failed = False
+        while True:
+            try:
+                with trio.fail_after(REDIS_TIMEOUT):
+                    if await cluster.redis.publish(self.channel, payload):
+                        cluster.metrics.cluster_sent += count
+                        return
+                error = "no receiver"
+            except (coredis.exceptions.RedisError, trio.TooSlowError, OSError) as exc:
+                error = type(exc).__name__
+            if not failed:
+                event(logging.WARNING, "cluster publish failed", to=self.target, items=count, error=error)
+                failed = True
+            if trio.current_time() >= give_up:
+                cluster.metrics.cluster_drops += count
+                return
+            await trio.sleep(PUBLISH_RETRY_EVERY)
 
 
 class RemoteConn:
     """On a room's owner: a connection that lives on another instance."""
 
-    __slots__ = ("id", "instance", "cid", "room_id", "cluster")
+    __slots__ = ("id", "instance", "cid", "room_id", "cluster", "last_seq", "held")
 
     def __init__(self, cluster: "Cluster", instance: str, cid: int, room_id: str) -> None:
+        self.last_seq = 0  # the newest request taken from this connection (a resent one is not taken twice)
+        self.held: list[str] | None = None  # what the room says to it while answering a request
         self.id = f"{instance[:6]}/{cid}"
         self.cluster = cluster
         self.instance = instance
@@ -155,10 +180,54 @@ class RemoteConn:
         return f"<RemoteConn {self.id} room={self.room_id}>"
 
     def deliver(self, text: str) -> None:
-        self.cluster.outlink(self.instance).put(["o", self.room_id, self.cid, text])
+        if self.held is not None:
+            self.held.append(text)
+        else:
+            self.cluster.outlink(self.instance).put(["o", self.room_id, self.cid, text])
 
     def request_close(self, code: int, reason: str) -> None:
         self.cluster.outlink(self.instance).put(["x", self.room_id, self.cid, code, reason])
+
+
+class _Answer:
+    """The answer to one request from another instance: everything the room says to the
+    asker while handling it, sent back as one item tagged with the request's seq. The
+    asker's instance delivers the first answer to each seq and drops any other (the
+    request may have been sent to two owners around a move)."""
+
+    __slots__ = ("rc", "seq")
+
+    def __init__(self, rc: RemoteConn, seq: int) -> None:
+        self.rc = rc
+        self.seq = seq
+
+    def begin(self) -> bool:
+        self.rc.held = []
+        return True
+
+    def end(self) -> None:
+        rc = self.rc
+        texts, rc.held = rc.held or [], None
+        rc.cluster.outlink(rc.instance).put(["A", rc.room_id, rc.cid, self.seq, texts])
+
+
+class _LocalAnswer:
+    """A request of one of our connections, sent again to the room after the room came
+    here: handled only if no other owner's answer to it arrived first (and then any
+    such answer arriving later is dropped)."""
+
+    __slots__ = ("link", "cid", "seq")
+
+    def __init__(self, link: "RoomLink", cid: int, seq: int) -> None:
+        self.link = link
+        self.cid = cid
+        self.seq = seq
+
+    def begin(self) -> bool:
+        return self.link.answered(self.cid, self.seq)
+
+    def end(self) -> None:
+        pass
 
 
 class _Reply:
@@ -230,6 +299,9 @@ class RoomLink:
         self.actor: RoomActor | None = None
         self.members: dict[int, Member] = {}
         self.pending: dict[int, tuple[int, Any]] = {}  # cid -> (req, reply), remote only
+        # requests sent to a remote owner and not yet answered: cid -> {seq: (raw, sent_at)};
+        # sent again to the next owner if the room moves before they are answered
+        self.awaiting: dict[int, dict[int, tuple[str, float]]] = {}
         self.missing_since: float | None = None
 
     @property
@@ -308,6 +380,7 @@ class RoomLink:
     def _forget(self, cid: int) -> None:
         self.members.pop(cid, None)
         self.pending.pop(cid, None)
+        self.awaiting.pop(cid, None)
 
     def _note_metadata(self, cid: int, msg: dict[str, Any]) -> None:
         member = self.members.get(cid)
@@ -333,9 +406,62 @@ class RoomLink:
         self._track(cmd)  # nothing to undo: publishing does not fail here
         if kind is Register:
             self.restore(self.members[cid], _unwrap(cmd.reply), cmd.announce)
+        elif kind is Leave:
+            self.cluster.outlink(owner).put(["L", self.room_id, cid])
+        elif cmd.msg["type"] in ANSWERED_TYPES:
+            seq = next(self.cluster.reqs)
+            self.awaiting.setdefault(cid, {})[seq] = (cmd.raw, trio.current_time())
+            self.cluster.outlink(owner).put(["M", self.room_id, cid, cmd.raw, seq])
         else:
-            item = ["M", self.room_id, cid, cmd.raw] if kind is Message else ["L", self.room_id, cid]
-            self.cluster.outlink(owner).put(item)
+            self.cluster.outlink(owner).put(["M", self.room_id, cid, cmd.raw])
+
+    # ------------------------------------------------ requests through a move
+    def answered(self, cid: int, seq: int) -> bool:
+        """True the first time a request's answer arrives (deliver it), False after."""
+        waiting = self.awaiting.get(cid)
+        if waiting is None or waiting.pop(seq, None) is None:
+            return False
+        if not waiting:
+            del self.awaiting[cid]
+        return True
+
+    def resend_requests(self, cid: int, since: int = 0) -> None:
+        """Send `cid`'s unanswered requests (from seq `since` on) to where the room is now,
+        in the order they were made; after its Register, so the owner knows the peer. The
+        owner takes each seq once, so sending one again is harmless."""
+        waiting = self.awaiting.get(cid)
+        member = self.members.get(cid)
+        if not waiting or member is None:
+            return
+        local = []
+        for seq, (raw, _) in list(waiting.items()):
+            if seq < since:
+                continue
+            if self.actor is not None:  # the room came here
+                local.append(Message(member.conn, decode(raw), raw, _LocalAnswer(self, cid, seq)))
+            elif self.owner is not None:
+                self.cluster.outlink(self.owner).put(["M", self.room_id, cid, raw, seq])
+        if local:
+            self.cluster.spawn(_to_actor_later, self.actor, *local)
+
+    def expire_requests(self, now: float) -> None:
+        """Requests that waited through a move for longer than REQUEST_DEADLINE get
+        ROOM_UNAVAILABLE: never silence."""
+        for cid, waiting in list(self.awaiting.items()):
+            member = self.members.get(cid)
+            for seq, (_, sent_at) in list(waiting.items()):
+                if now - sent_at < REQUEST_DEADLINE:
+                    break  # the rest are younger
+                del waiting[seq]
+                event(logging.WARNING, "request expired", room_id=self.room_id, conn=cid, owner=self.owner,
+                      member=member is not None, restoring=cid in self.pending)
+                if member is not None:
+                    self.cluster.metrics.errors_by_code[E.ROOM_UNAVAILABLE] += 1
+                    member.conn.deliver(dumps(E.ProtocolError(
+                        E.ROOM_UNAVAILABLE, "the room is moving between servers and did not answer in time; "
+                        "send the request again").to_message()))
+            if not waiting:
+                del self.awaiting[cid]
 
     def confirmed(self, cid: int, req: int, value: Any) -> None:
         member = self.members.get(cid)
@@ -351,7 +477,8 @@ class RoomLink:
             member.peer_id = value
 
     def restore_all(self) -> None:
-        """Send every member (and every unanswered Register) to the room's new home."""
+        """Send every member (and every unanswered Register and request) to the room's
+        new home."""
         pending = self.pending
         self.pending = {}
         for cid, member in list(self.members.items()):
@@ -360,6 +487,7 @@ class RoomLink:
                 self.restore(member, None, False)
             else:  # its connection still waits for the answer
                 self.restore(member, _unwrap(waiting[1]) if waiting else None, True)
+            self.resend_requests(cid)
 
     def resend(self, cid: int) -> None:
         """One Register the owner bounced ("not mine"), sent again to the current owner."""
@@ -379,7 +507,7 @@ class RoomLink:
             try:
                 self.actor.inbox.send_nowait(cmd)
             except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
-                self.cluster.spawn(self._restore_later, cmd)
+                self.cluster.spawn(_to_actor_later, self.actor, cmd)
         else:
             assert self.owner is not None
             self.pending[cid] = (req, _Confirm(self, cid, req, reply))
@@ -388,13 +516,14 @@ class RoomLink:
                 member.metadata, member.token, announce,
             ])
 
-    async def _restore_later(self, cmd: Register) -> None:
-        actor = self.actor
-        if actor is not None:
-            try:
-                await actor.inbox.send(cmd)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                pass
+
+
+async def _to_actor_later(actor: RoomActor, *cmds: Any) -> None:
+    try:
+        for cmd in cmds:
+            await actor.inbox.send(cmd)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
 
 
 class Cluster:
@@ -405,6 +534,8 @@ class Cluster:
         self.redis = redis
         self.id = secrets.token_hex(8)
         self.reqs = itertools.count(1)
+        self.batches = itertools.count(1)  # numbers every batch this instance publishes
+        self.last_batch: dict[str, int] = {}  # the newest batch number taken from each instance
         self.links: dict[str, RoomLink] = {}  # rooms with local connections, or owned here
         self.outlinks: dict[str, Outlink] = {}
         # on an owner: remote connections by (room, instance), and when each was heard of
@@ -476,10 +607,14 @@ class Cluster:
                 continue
             try:
                 batch = orjson.loads(message["data"])
-                src, items = batch["f"], batch["i"]
+                src, number, items = batch["f"], batch["n"], batch["i"]
             except (orjson.JSONDecodeError, KeyError, TypeError):
                 event(logging.WARNING, "cluster message unreadable")
                 continue
+            if number <= self.last_batch.get(src, -1):
+                self.metrics.cluster_duplicates += len(items)
+                continue
+            self.last_batch[src] = number
             for item in items:
                 try:
                     await self._handle(src, item)
@@ -492,18 +627,34 @@ class Cluster:
         kind = item[0]
         # ---- to this instance as a room's owner
         if kind == "M":
-            _, room_id, cid, raw = item
+            room_id, cid, raw = item[1:4]
+            seq = item[4] if len(item) > 4 else None
             rc = self.remote.get((room_id, src), {}).get(cid)
             actor = self.supervisor.rooms.get(room_id)
             if rc is None or actor is None:
-                self._error_to(src, room_id, cid, E.ProtocolError(E.NOT_IN_ROOM, "Peer not registered in any room"))
+                # not (or no longer) the room's owner, or the peer is not known here yet: a
+                # request goes back to be sent again; anything else is counted as lost
+                if seq is not None:
+                    self.outlink(src).put(["n", room_id, cid, seq])
+                else:
+                    self.metrics.cluster_drops += 1
                 return
+            hold = None
+            if seq is not None:
+                if seq <= rc.last_seq:  # sent again, but already taken here: its answer is on its way
+                    return
+                rc.last_seq = seq
+                hold = _Answer(rc, seq)
             try:
                 msg = decode(raw)
-            except E.ProtocolError as exc:
-                self._error_to(src, room_id, cid, exc)
+            except E.ProtocolError as exc:  # (its instance decoded it already: not expected)
+                if seq is not None:
+                    self.outlink(src).put(["A", room_id, cid, seq, [dumps(exc.to_message())]])
+                else:
+                    self._error_to(src, room_id, cid, exc)
                 return
-            await self._to_actor(actor, Message(rc, msg, raw))
+            if not await self._to_actor(actor, Message(rc, msg, raw, hold)) and seq is not None:
+                self.outlink(src).put(["n", room_id, cid, seq])  # the room ended here: again, elsewhere
         elif kind == "R":
             _, room_id, cid, req, peer_id, sub, role, metadata, token, announce = item
             owner = await self._own(room_id)
@@ -579,6 +730,25 @@ class Cluster:
                     member = link.members.get(cid)
                     if member is not None and member.confirmed and cid not in link.pending:
                         link.restore(member, None, False)
+        elif kind == "A":  # the answer to one of our connections' requests
+            _, room_id, cid, seq, texts = item
+            link = self.links.get(room_id)
+            member = link.members.get(cid) if link is not None else None
+            if member is not None and link.answered(cid, seq):  # type: ignore[union-attr]
+                for text in texts:
+                    member.conn.deliver(text)
+            else:
+                self.metrics.cluster_duplicates += 1
+        elif kind == "n":  # a request reached an instance that could not take it: again
+            _, room_id, cid, seq = item
+            link = self.links.get(room_id)
+            if link is not None and link.actor is None:
+                self.spawn(self._resend_bounced, link, cid, seq)
+        elif kind == "g":  # the owner is stopping and has let the room go: follow it now
+            _, room_id = item
+            link = self.links.get(room_id)
+            if link is not None and link.actor is None:
+                self.spawn(self._relocate, link)
         elif kind == "c":
             _, req, value = item
             waiting = self.calls.pop(req, None)
@@ -596,14 +766,15 @@ class Cluster:
         self.outlink(instance).put(["o", room_id, cid, dumps(exc.to_message())])
 
     @staticmethod
-    async def _to_actor(actor: RoomActor, cmd: Any) -> None:
+    async def _to_actor(actor: RoomActor, cmd: Any) -> bool:
         try:
             try:
                 actor.inbox.send_nowait(cmd)
             except trio.WouldBlock:
                 await actor.inbox.send(cmd)
+            return True
         except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass  # the room retired meanwhile
+            return False  # the room retired meanwhile
 
     async def _answer_call(self, src: str, room_id: str, req: int, op: str, args: tuple[Any, ...]) -> None:
         try:
@@ -674,6 +845,7 @@ class Cluster:
         if link.actor is not None:  # we lost the room: it lives on elsewhere
             actor, link.actor = link.actor, None
             self.supervisor.rooms.pop(link.room_id, None)
+            self._carry_queued_requests(link, actor)
             actor.abandon()
             for key in [k for k in self.remote if k[0] == link.room_id]:
                 del self.remote[key]
@@ -683,6 +855,16 @@ class Cluster:
         link.missing_since = None
         if moved:
             link.restore_all()
+
+    def _carry_queued_requests(self, link: RoomLink, actor: RoomActor) -> None:
+        """Our local peers' requests still queued for an actor we give up go to the new
+        owner with the rest (other instances' peers resend their own)."""
+        now = trio.current_time()
+        for cmd in actor.take_queued():
+            # (a request sent again from `awaiting` is still there: it goes with the rest)
+            if (type(cmd) is Message and cmd.answer is None and cmd.msg["type"] in ANSWERED_TYPES
+                    and not isinstance(cmd.conn, RemoteConn)):
+                link.awaiting.setdefault(cmd.conn.id, {})[next(self.reqs)] = (cmd.raw, now)
 
     def room_retired(self, actor: RoomActor) -> None:
         """The owner's actor ended (room empty, or crashed): forget what pointed at it.
@@ -771,6 +953,26 @@ class Cluster:
         if bounced is not None and not (moved or owner == self.id):
             link.resend(bounced)  # same owner as before: nothing else was re-sent
 
+    async def _resend_bounced(self, link: RoomLink, cid: int, seq: int) -> None:
+        """Find the room's owner again; make sure it knows the peer; send the request."""
+        while True:
+            try:
+                owner = await self._lease(link.room_id)
+                break
+            except StoreUnavailable:  # Redis is away: the request waits for it (or expires)
+                await trio.sleep(0.5)
+                if cid not in link.awaiting or seq not in link.awaiting[cid]:
+                    return
+        if self.links.get(link.room_id) is not link:
+            return
+        if link.actor is None and link.owner != owner:
+            self._adopt(link, owner)  # a move: restores everyone, sends every request again
+            return
+        member = link.members.get(cid)
+        if link.actor is None and member is not None and member.confirmed and cid not in link.pending:
+            link.restore(member, None, False)
+        link.resend_requests(cid, since=seq)
+
     async def _tend_loop(self) -> None:
         """Each HEARTBEAT: tell owners who is here; follow rooms whose owner changed or
         vanished; forget remote connections of instances gone silent."""
@@ -780,6 +982,7 @@ class Cluster:
             for room_id, link in list(self.links.items()):
                 if link.actor is not None:
                     continue
+                link.expire_requests(now)
                 if not link.members and not link.pending:
                     if self.links.get(room_id) is link:
                         del self.links[room_id]
@@ -788,6 +991,8 @@ class Cluster:
                     with trio.fail_after(REDIS_TIMEOUT):
                         owner = await self.redis.get(lease_key(room_id))
                 except (coredis.exceptions.RedisError, trio.TooSlowError, OSError):
+                    for other in self.links.values():  # a lease counts as missing only while Redis is here
+                        other.missing_since = None
                     break  # Redis is away: try again next round
                 if self.links.get(room_id) is not link or link.actor is not None:
                     continue
@@ -819,13 +1024,18 @@ class Cluster:
                         await self._to_actor(actor, Leave(rc))
 
     async def _renew_loop(self) -> None:
+        pause = RENEW
         while True:
-            await trio.sleep(RENEW)
+            await trio.sleep(pause)
+            pause = RENEW
             for room_id in list(self.supervisor.rooms):
                 try:
                     owner = await self._lease(room_id)
                 except StoreUnavailable:
-                    break  # keep serving; the lease is retaken (or lost) when Redis is back
+                    # keep serving, and try again soon: when Redis is back, the owner takes
+                    # its leases again before any other instance may (TAKEOVER_AFTER)
+                    pause = RENEW_RETRY
+                    break
                 if owner != self.id and room_id in self.supervisor.rooms:
                     self._adopt(self._link(room_id), owner)
 
@@ -922,6 +1132,10 @@ class Cluster:
                         await self._release(keys=[lease_key(room_id)], args=[self.id])
                     except (coredis.exceptions.RedisError, OSError):
                         break
+                for r, instance in [k for k in self.remote if k[0] == room_id]:
+                    self.outlink(instance).put(["g", r])  # their peers move at once
+            while any(out.queued() for out in self.outlinks.values()):
+                await trio.sleep(0.02)
             try:
                 await self.redis.zrem(f"{PREFIX}:instances", [self.id])
             except (coredis.exceptions.RedisError, OSError):

@@ -27,3 +27,4 @@ class Metrics:
         self.cluster_sent = 0
         self.cluster_received = 0
         self.cluster_drops = 0
+        self.cluster_duplicates = 0  # second answers to a request sent to two owners around a move (not delivered)

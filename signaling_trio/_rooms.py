@@ -48,11 +48,19 @@ class Register:
     announce: bool = True  # False: a restore after the room moved (no registered_auth)
 
 
+class AnswerHold(Protocol):
+    def begin(self) -> bool: ...  # False: this request was answered elsewhere meanwhile; skip it
+    def end(self) -> None: ...
+
+
 @dataclass(slots=True)
 class Message:
     conn: PeerConnection
     msg: dict[str, Any]
     raw: str
+    # the cluster's hold on a request from another instance: begin() before the room
+    # handles it, end() after, so its answer travels back as one item
+    answer: "AnswerHold | None" = None
 
 
 @dataclass(slots=True)
@@ -106,6 +114,15 @@ class RoomActor:
         """Stop at once without telling anyone: the room now lives on another instance."""
         self._scope.cancel()
 
+    def take_queued(self) -> list[Any]:
+        """The commands still waiting in the inbox (for a room given up to another instance)."""
+        taken = []
+        while True:
+            try:
+                taken.append(self._receive.receive_nowait())
+            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError, trio.BrokenResourceError):
+                return taken
+
     def queue_depth(self) -> int:
         return self._receive.statistics().current_buffer_used
 
@@ -157,7 +174,12 @@ class RoomActor:
     def _dispatch(self, cmd: Command, now: float) -> None:
         state = self.state
         if type(cmd) is Message:
-            self._apply(state.handle(cmd.conn, cmd.msg, cmd.raw, now))
+            hold = cmd.answer
+            if hold is None:
+                self._apply(state.handle(cmd.conn, cmd.msg, cmd.raw, now))
+            elif hold.begin():
+                self._apply(state.handle(cmd.conn, cmd.msg, cmd.raw, now))
+                hold.end()
             self.metrics.messages_by_type[cmd.msg["type"]] += 1
         elif type(cmd) is Leave:
             self._apply(state.leave(cmd.conn))

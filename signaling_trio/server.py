@@ -264,7 +264,7 @@ class SignalingServer:
         m = self.metrics
         return {"instance": self.cluster.id, "cluster": dict(self.cluster.view),
                 "cluster_items_sent": m.cluster_sent, "cluster_items_received": m.cluster_received,
-                "cluster_items_dropped": m.cluster_drops}
+                "cluster_items_dropped": m.cluster_drops, "cluster_items_duplicate": m.cluster_duplicates}
 
 
 def _version() -> str:

@@ -50,3 +50,11 @@ async def test_memory_breakdown_runs(tmp_path):
     text = (tmp_path / "memory.md").read_text()
     assert "Python allocations per idle registered peer (50 peers" in text
     assert "signaling_trio" in text and "bare trio-websocket" in text
+
+
+async def test_soak_runs(tmp_path):
+    """The soak's smoke run exits non-zero if any request went unanswered."""
+    await quick_run("soak.py", tmp_path, ("redis-server",))
+    text = (tmp_path / "soak.md").read_text()
+    assert "## single" in text and "## cluster" in text
+    assert "unanswered 0" in text

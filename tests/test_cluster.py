@@ -176,18 +176,18 @@ async def test_peers_of_a_closed_connection_leave_everywhere(redis):
 
 
 # ------------------------------------------------------------------ faults
-async def discover_ids(peer: Any, filters: dict[str, Any] | None = None) -> list[str] | None:
-    """One discovery; None when no answer comes within a second (a request sent to an
-    owner that just died is lost; the caller asks again)."""
+async def discover_ids(peer: Any, filters: dict[str, Any] | None = None) -> list[str]:
+    """One discovery, answered even when the room's owner dies meanwhile (the request is
+    sent again to the next owner: docs/SCALING.md), within ANSWER_BOUND."""
     await peer.send({"type": "discover_peers", "filters": filters or {}})
-    try:
-        with trio.fail_after(1.0):
-            while True:
-                msg = await peer.recv()
-                if msg["type"] == "peer_list":
-                    return sorted(p["peer_id"] for p in msg["peers"])
-    except trio.TooSlowError:
-        return None
+    with trio.fail_after(ANSWER_BOUND):
+        while True:
+            msg = await peer.recv(timeout=ANSWER_BOUND)
+            if msg["type"] == "peer_list":
+                return sorted(p["peer_id"] for p in msg["peers"])
+
+
+ANSWER_BOUND = 10.0
 
 
 @asynccontextmanager
@@ -522,3 +522,134 @@ async def test_a_gracefully_stopped_owner_hands_its_rooms_over(redis):
             async with ws_peer(b.ws_url) as late:
                 assert (await register(late, room, "late"))["type"] == "registered_auth"
                 assert await discover_ids(late) == ["stays"]
+
+
+async def keep_asking(peer: Any, name: str, stop_at: float, log: list[tuple[str, float]]) -> None:
+    """Request after request until `stop_at`, each waiting for its answer: alternately
+    update_metadata with a counter (its answer carries the counter back, so an answer to
+    an older request, or a second one, is caught) and discover_peers."""
+    i = 0
+    while trio.current_time() < stop_at:
+        i += 1
+        sent = trio.current_time()
+        if i % 2:
+            await peer.send({"type": "update_metadata", "metadata": {"properties": {"n": i}}})
+            msg = await peer.recv(timeout=ANSWER_BOUND)
+            assert msg["type"] == "metadata_updated" and msg["metadata"]["properties"]["n"] == i, (name, i, msg)
+        else:
+            await peer.send({"type": "discover_peers", "filters": {}})
+            msg = await peer.recv(timeout=ANSWER_BOUND)
+            assert msg["type"] == "peer_list", (name, i, msg)
+        log.append((name, trio.current_time() - sent))
+        await trio.sleep(0.02)  # within the per-connection rate limit
+
+
+async def ask_through(fault: Any, askers: dict[str, Any], before: float = 1.0, after: float = 10.0) -> list[tuple[str, float]]:
+    """Every asker keeps a request in flight while `fault()` runs; returns (asker,
+    seconds to the answer) for every request; then checks that no late second answer
+    arrives."""
+    log: list[tuple[str, float]] = []
+    start = trio.current_time()
+    async with trio.open_nursery() as n:
+        for name, peer in askers.items():
+            n.start_soon(keep_asking, peer, name, start + before + after, log)
+        await trio.sleep(before)
+        await fault()
+    await trio.sleep(1.0)
+    for peer in askers.values():
+        assert await peer.nothing_pending()  # nothing queued: no request answered twice
+    return log
+
+
+async def test_requests_in_flight_through_an_owner_sigkill_are_all_answered(redis):
+    async with instances(redis.url, n=2) as (b, c), server_process(redis.url) as a:
+        room = await b.new_room()
+        async with ws_peer(a.ws_url) as wa, ws_peer(b.ws_url) as p1, ws_peer(b.ws_url) as p2, ws_peer(c.ws_url) as p3, \
+                ws_peer(b.ws_url) as q, ws_peer(c.ws_url) as r:
+            assert (await register(wa, room, "wa", role="worker"))["type"] == "registered_auth"  # A owns the room
+            for name, p in (("p1", p1), ("p2", p2), ("p3", p3), ("q", q), ("r", r)):
+                assert (await register(p, room, name, role="client"))["type"] == "registered_auth"
+            assert not b.server.supervisor.rooms and not c.server.supervisor.rooms
+            drops_before = b.server.metrics.cluster_drops
+
+            async def kill() -> None:
+                a.kill()
+                await trio.sleep(0.2)
+                # fire-and-forget into the gap: routed through the dead owner
+                await q.send({"type": "peer_message", "to_peer_id": "r", "payload": "gap"})
+
+            log = await ask_through(kill, {"p1": p1, "p2": p2, "p3": p3})
+            # it is either delivered after the move or counted as dropped (docs/SCALING.md)
+            delivered = not await r.nothing_pending()
+            assert delivered or b.server.metrics.cluster_drops > drops_before
+            worst = max(t for _, t in log)
+            print(f"\nSIGKILL: {len(log)} requests, all answered once; slowest {worst:.2f} s")
+            assert worst < ANSWER_BOUND
+            assert len([s for s in (b, c) if room["room_id"] in s.server.supervisor.rooms]) == 1
+
+
+async def test_requests_in_flight_through_a_redis_restart_are_all_answered(redis, tmp_path):
+    persistent = RedisServer(data_dir=str(tmp_path))
+    persistent.start()
+    try:
+        async with instances(persistent.url, n=2) as (a, b):
+            room = await a.new_room()
+            async with ws_peer(a.ws_url) as x, ws_peer(b.ws_url) as y, ws_peer(b.ws_url) as z:
+                for name, p in (("x", x), ("y", y), ("z", z)):
+                    assert (await register(p, room, name))["type"] == "registered_auth"
+
+                async def restart() -> None:
+                    persistent.stop()
+                    await trio.sleep(3.0)
+                    persistent.start()
+
+                log = await ask_through(restart, {"x": x, "y": y, "z": z})
+                worst = max(t for _, t in log)
+                print(f"\nRedis restart: {len(log)} requests, all answered once; slowest {worst:.2f} s")
+                assert worst < ANSWER_BOUND
+    finally:
+        persistent.stop()
+
+
+async def test_requests_in_flight_through_a_graceful_stop_are_all_answered(redis):
+    async with instances(redis.url, n=2) as (b, c):
+        room = await b.new_room()
+        async with AsyncExitStack() as a_life:
+            a = await a_life.enter_async_context(open_test_server(store=redis.url))
+            goes = await a_life.enter_async_context(ws_peer(a.ws_url))
+            assert (await register(goes, room, "goes"))["type"] == "registered_auth"  # A owns the room
+            async with ws_peer(b.ws_url) as p1, ws_peer(c.ws_url) as p2:
+                for name, p in (("p1", p1), ("p2", p2)):
+                    assert (await register(p, room, name))["type"] == "registered_auth"
+
+                async def stop_a() -> None:
+                    a.server.shutdown()  # graceful: as on SIGTERM
+
+                log = await ask_through(stop_a, {"p1": p1, "p2": p2}, after=4.0)
+                assert any(room["room_id"] in s.server.supervisor.rooms for s in (b, c))
+        worst = max(t for _, t in log)
+        print(f"\ngraceful stop: {len(log)} requests, all answered once; slowest {worst:.2f} s")
+        assert worst < ANSWER_BOUND
+
+
+async def test_requests_in_flight_through_a_lost_lease_are_all_answered(redis):
+    import coredis
+
+    from signaling_trio._cluster import lease_key
+
+    async with instances(redis.url, n=2) as (a, b):
+        room = await a.new_room()
+        async with ws_peer(a.ws_url) as p1, ws_peer(a.ws_url) as p2, ws_peer(b.ws_url) as p3:
+            for name, p in (("p1", p1), ("p2", p2), ("p3", p3)):
+                assert (await register(p, room, name))["type"] == "registered_auth"
+            assert room["room_id"] in a.server.supervisor.rooms
+
+            async def steal() -> None:
+                async with coredis.Redis(host="127.0.0.1", port=redis.port, decode_responses=True) as r:
+                    await r.set(lease_key(room["room_id"]), b.server.cluster.id, px=3000)
+
+            log = await ask_through(steal, {"p1": p1, "p2": p2, "p3": p3}, after=5.0)
+            assert room["room_id"] in b.server.supervisor.rooms
+        worst = max(t for _, t in log)
+        print(f"\nlost lease: {len(log)} requests, all answered once; slowest {worst:.2f} s")
+        assert worst < ANSWER_BOUND

@@ -316,7 +316,7 @@ async def test_http_fuzz_every_request_answered_or_closed(caplog):
     async with open_test_server(http_request_timeout=0.5) as server:
         room = await server.new_room()
         port = port_of(server.http_url)
-        limit = trio.Semaphore(40)
+        limit = trio.Semaphore(100)
 
         async def one(parts: tuple[bytes, ...]) -> None:
             async with limit:

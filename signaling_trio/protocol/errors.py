@@ -31,6 +31,7 @@ ROOM_FULL = "ROOM_FULL"
 PEER_RESERVED = "PEER_RESERVED"
 PRECONDITION_FAILED = "PRECONDITION_FAILED"
 STORE_UNAVAILABLE = "STORE_UNAVAILABLE"
+ROOM_UNAVAILABLE = "ROOM_UNAVAILABLE"  # a request outlived a room's move between instances
 
 ALL_CODES = frozenset(
     v for k, v in dict(globals()).items() if k.isupper() and isinstance(v, str)

@@ -19,6 +19,11 @@ BEYOND_V2_TYPES = frozenset({"subscribe", "unsubscribe", "reserve_peer", "releas
 KNOWN_TYPES = V2_TYPES | BEYOND_V2_TYPES
 SIGNAL_TYPES = frozenset({"offer", "answer", "candidate"})
 ROOM_TYPES = KNOWN_TYPES - {"register", "ping"}
+# Requests the room answers exactly once (an answer or an error); the others are routed
+# to a peer and answered only when they fail.
+ANSWERED_TYPES = frozenset(
+    {"discover_peers", "update_metadata", "subscribe", "unsubscribe", "reserve_peer", "release_peer"}
+)
 
 
 def dumps(obj: Any) -> str:
