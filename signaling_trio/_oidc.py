@@ -51,7 +51,6 @@ class OidcVerifier:
         self.cache = TokenCache()
         self.clock = time.time
         self.fetches = 0
-        self.last_fetch_error: str | None = None
         self._last_attempt = -float("inf")
         self._fetching: trio.Event | None = None
         self._client: httpx.AsyncClient | None = None
@@ -79,11 +78,9 @@ class OidcVerifier:
             self.keyset = keyset
             self.kids = {k.kid for k in keyset.keys if k.kid}
             self.fetches += 1
-            self.last_fetch_error = None
             event(logging.INFO, "jwks fetched", url=self.jwks_url, keys=len(keyset.keys))
             return True
         except (httpx.HTTPError, trio.TooSlowError, ValueError, KeyError, JoseError) as exc:
-            self.last_fetch_error = type(exc).__name__
             event(logging.WARNING, "jwks fetch failed", url=self.jwks_url, error=type(exc).__name__)
             return False
         finally:

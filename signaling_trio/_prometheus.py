@@ -15,6 +15,8 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.openmetrics.exposition import CONTENT_TYPE_LATEST as OPENMETRICS_TYPE
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 
+from .protocol import errors as E
+
 if TYPE_CHECKING:
     from .server import SignalingServer
 
@@ -58,7 +60,7 @@ class _ServerCollector:
         yield closes
         limits = CounterMetricFamily("signaling_limit_rejections", "Frames or connections refused by a limit", labels=["limit"])
         for limit, n in (
-            ("frame_size", m.errors_by_code.get("MESSAGE_TOO_LARGE", 0) + m.closes_by_code.get(1009, 0)),
+            ("frame_size", m.errors_by_code.get("MESSAGE_TOO_LARGE", 0) + m.closes_by_code.get(E.CLOSE_TOO_BIG, 0)),
             ("metadata_size", m.errors_by_code.get("METADATA_TOO_LARGE", 0)),
             ("room_full", m.errors_by_code.get("ROOM_FULL", 0)),
             ("rate", m.rate_limited_drops),

@@ -24,7 +24,7 @@ from ._cluster import Cluster
 from ._http import create_app
 from ._httpguard import HttpGuard
 from ._httpserve import serve_http
-from ._log import event
+from ._log import DroppingQueueHandler, event
 from ._metrics import Metrics
 from ._oidc import OidcVerifier
 from ._prometheus import PrometheusExporter
@@ -253,6 +253,7 @@ class SignalingServer:
             "rate_limited_drops": m.rate_limited_drops,
             "room_crashes": m.room_crashes,
             "connection_crashes": m.connection_crashes,
+            "log_lines_dropped": DroppingQueueHandler.dropped,
             "uptime_sec": round(time.time() - self.started_at, 3),
         } | self._cluster_json()
 

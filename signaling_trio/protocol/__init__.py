@@ -1,7 +1,7 @@
 """The pure protocol core: no trio, no sockets, no I/O. See ARCHITECTURE.md."""
 
 from .errors import ProtocolError
-from .filters import Filter, compile_filter
+from .filters import Filter
 from .room import Effects, RoomState
 
-__all__ = ["Effects", "Filter", "ProtocolError", "RoomState", "compile_filter"]
+__all__ = ["Effects", "Filter", "ProtocolError", "RoomState"]

@@ -153,7 +153,6 @@ class Filter:
             filters = {}
         if not isinstance(filters, dict):
             raise E.ProtocolError(E.INVALID_MESSAGE, "'filters' must be a JSON object")
-        self.source = filters
         role = filters.get("role")
         if role is not None and not isinstance(role, str):
             raise E.ProtocolError(E.INVALID_MESSAGE, "filter 'role' must be a string")
@@ -194,6 +193,3 @@ class Filter:
                     return False
         return True
 
-
-def compile_filter(filters: Any) -> Filter:
-    return Filter(filters)

@@ -17,7 +17,6 @@ V2_TYPES = frozenset(
 )
 BEYOND_V2_TYPES = frozenset({"subscribe", "unsubscribe", "reserve_peer", "release_peer", "ping"})
 KNOWN_TYPES = V2_TYPES | BEYOND_V2_TYPES
-SIGNAL_TYPES = frozenset({"offer", "answer", "candidate"})
 ROOM_TYPES = KNOWN_TYPES - {"register", "ping"}
 # Requests the room answers exactly once (an answer or an error); the others are routed
 # to a peer and answered only when they fail.
@@ -42,30 +41,6 @@ def decode(text: str) -> dict[str, Any]:
     if not isinstance(mtype, str):
         raise E.ProtocolError(E.INVALID_MESSAGE, "a message needs a string field 'type'")
     return msg
-
-
-def require(msg: dict[str, Any], *names: str) -> None:
-    missing = [n for n in names if msg.get(n) is None]
-    if missing:
-        raise E.ProtocolError(
-            E.MISSING_FIELDS, f"Missing required fields: {', '.join(missing)}"
-        )
-
-
-def string_field(msg: dict[str, Any], name: str, *, max_len: int = 256) -> str:
-    value = msg.get(name)
-    if not isinstance(value, str) or not value:
-        raise E.ProtocolError(E.INVALID_MESSAGE, f"field '{name}' must be a non-empty string")
-    if len(value) > max_len:
-        raise E.ProtocolError(E.INVALID_MESSAGE, f"field '{name}' is longer than {max_len}")
-    return value
-
-
-def optional_string(msg: dict[str, Any], name: str, default: str | None = None) -> str | None:
-    value = msg.get(name)
-    if value is None:
-        return default
-    return string_field(msg, name)
 
 
 def encoded_size(obj: Any) -> int:

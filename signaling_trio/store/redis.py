@@ -7,8 +7,8 @@ room's keys on one slot. A room key expires on its own a day after the room does
 failure is `StoreUnavailable` (clients: STORE_UNAVAILABLE, /health: 503), and the client
 reconnects by itself when Redis is back.
 
-Live peers are not here: each instance holds its own rooms' live state. Routing between
-instances (one logical server on many) is not built yet; see docs/OPERATIONS.md.
+Live peers are not here: each room's live state is held by the instance that owns it
+(`_cluster.py`; docs/SCALING.md).
 """
 
 from __future__ import annotations

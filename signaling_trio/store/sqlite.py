@@ -48,9 +48,6 @@ class SqliteStore(ClosingStore):
             self._db = db
         return self._db
 
-    async def open(self) -> None:
-        await self._run(lambda db: None)
-
     async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         def job() -> T:
             try:
