@@ -105,6 +105,10 @@ def sample(srv: Server) -> dict[str, Any]:
     return out
 
 
+async def sample_all(servers: list[Server]) -> list[dict[str, Any]]:
+    return await trio.to_thread.run_sync(lambda: [sample(s) for s in servers])
+
+
 @dataclass
 class Tally:
     requests: Counter[str] = field(default_factory=Counter)  # answered / errored / unanswered / lost_with_connection
@@ -167,9 +171,13 @@ async def churner(n: int, rooms: list[dict[str, Any]], servers: list[Server], en
             await trio.sleep(0.2)
 
 
+def register_msg(room: dict[str, Any], peer_id: str, **extra: Any) -> dict[str, Any]:
+    return {"type": "register", "peer_id": peer_id, "room_id": room["room_id"], "token": room["token"],
+            "id_token": room["id_token"], **extra}
+
+
 async def session(ws: Any, room: dict[str, Any], peer_id: str, rng: random.Random, tally: Tally) -> None:
-    reg = {"type": "register", "peer_id": peer_id, "room_id": room["room_id"], "token": room["token"],
-           "id_token": room["id_token"], "role": "client", "metadata": {"tags": ["soak"]}}
+    reg = register_msg(room, peer_id, role="client", metadata={"tags": ["soak"]})
     if (await ask(ws, reg, "registered_auth", tally))["type"] == "error":
         await trio.sleep(0.5)  # e.g. STORE_UNAVAILABLE while Redis restarts
         return
@@ -219,9 +227,7 @@ async def reset_mid_frame(srv: Server, room: dict[str, Any], peer_id: str, tally
                 if not data:
                     raise OSError("closed in handshake")
                 ws.receive_data(data)
-            reg = {"type": "register", "peer_id": peer_id, "room_id": room["room_id"], "token": room["token"],
-                   "id_token": room["id_token"]}
-            await stream.send_all(frame(json.dumps(reg).encode()))
+            await stream.send_all(frame(json.dumps(register_msg(room, peer_id)).encode()))
             await stream.receive_some(65536)  # registered_auth (or an error)
         half = frame(json.dumps({"type": "peer_message", "to_peer_id": "x", "payload": "y" * 500}).encode())
         await stream.send_all(half[: len(half) // 2])
@@ -235,8 +241,7 @@ async def reset_mid_frame(srv: Server, room: dict[str, Any], peer_id: str, tally
 async def stable_peer(srv: Server, room: dict[str, Any], peer_id: str, tally: Tally, done: trio.Event,
                       task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
     async with open_websocket_url(srv.ws_url) as ws:
-        await ws.send_message(json.dumps({"type": "register", "peer_id": peer_id, "room_id": room["room_id"],
-                                          "token": room["token"], "id_token": room["id_token"], "role": "stable"}))
+        await ws.send_message(json.dumps(register_msg(room, peer_id, role="stable")))
         assert json.loads(await ws.get_message())["type"] == "registered_auth"
         task_status.started()
         async with trio.open_nursery() as n:
@@ -296,7 +301,7 @@ async def sampler(servers: list[Server], start: float, samples: list[dict[str, A
     while True:
         await trio.sleep(10.0)
         samples.append({"t": round(trio.current_time() - start, 1),
-                        "servers": await trio.to_thread.run_sync(lambda: [sample(s) for s in servers])})
+                        "servers": await sample_all(servers)})
 
 
 async def soak(mode: str, cfg: argparse.Namespace, log_dir: str) -> dict[str, Any]:
@@ -324,7 +329,7 @@ async def _soak(servers: list[Server], redis: Redis | None, cfg: argparse.Namesp
         room = await trio.to_thread.run_sync(post, servers[0].http_url + "/create-room", me["id_token"])
         rooms.append({**room, "id_token": me["id_token"], "stable": [f"s{r}-{k}" for k in range(cfg.stable)]})
     await trio.sleep(1.0)
-    before = await trio.to_thread.run_sync(lambda: [sample(s) for s in servers])
+    before = await sample_all(servers)
     tally, samples, fault_log = Tally(), [], []
     homes = servers[1:] or servers  # stable peers never on the instance that gets killed
     done = trio.Event()
@@ -342,12 +347,13 @@ async def _soak(servers: list[Server], redis: Redis | None, cfg: argparse.Namesp
         done.set()
         await trio.sleep(cfg.idle)
         outer.cancel_scope.cancel()
-    after = await trio.to_thread.run_sync(lambda: [sample(s) for s in servers])
+    after = await sample_all(servers)
     lost = tally.sent - tally.received
     return {
         "requests": dict(tally.requests), "errors": dict(tally.errors), "sessions": dict(tally.sessions),
         "messages_sent": len(tally.sent), "messages_received": len(tally.received & tally.sent),
-        "messages_lost": len(lost), "messages_refused": tally.refused, "faults": fault_log, "wrong_answers": tally.wrong, "before": before, "after": after, "samples": samples,
+        "messages_lost": len(lost), "messages_refused": tally.refused, "faults": fault_log,
+        "wrong_answers": tally.wrong, "before": before, "after": after, "samples": samples,
     }
 
 
@@ -374,7 +380,8 @@ def render(results: dict[str, Any], cfg: argparse.Namespace) -> str:
             gauges = {g: a.get(g) for g in GAUGES}
             if "cluster_items_dropped" in a:
                 gauges["cluster_items_dropped"] = a["cluster_items_dropped"]
-            lines.append(f"| {i} | {b.get('rss_kb')} -> {peak} -> {a.get('rss_kb')} | {b.get('fds')} -> {a.get('fds')} | {gauges} |")
+            lines.append(f"| {i} | {b.get('rss_kb')} -> {peak} -> {a.get('rss_kb')} "
+                         f"| {b.get('fds')} -> {a.get('fds')} | {gauges} |")
         lines.append("")
     return "\n".join(lines)
 

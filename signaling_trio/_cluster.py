@@ -442,7 +442,7 @@ class RoomLink:
             elif self.owner is not None:
                 self.cluster.outlink(self.owner).put(["M", self.room_id, cid, raw, seq])
         if local:
-            self.cluster.spawn(_to_actor_later, self.actor, *local)
+            self.cluster.spawn(_to_actor, self.actor, *local)
 
     def expire_requests(self, now: float) -> None:
         """Requests that waited through a move for longer than REQUEST_DEADLINE get
@@ -507,7 +507,7 @@ class RoomLink:
             try:
                 self.actor.inbox.send_nowait(cmd)
             except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
-                self.cluster.spawn(_to_actor_later, self.actor, cmd)
+                self.cluster.spawn(_to_actor, self.actor, cmd)
         else:
             assert self.owner is not None
             self.pending[cid] = (req, _Confirm(self, cid, req, reply))
@@ -517,13 +517,17 @@ class RoomLink:
             ])
 
 
-
-async def _to_actor_later(actor: RoomActor, *cmds: Any) -> None:
+async def _to_actor(actor: RoomActor, *cmds: Any) -> bool:
+    """Hand `cmds` to a room's actor, in order; False if the room retired meanwhile."""
     try:
         for cmd in cmds:
-            await actor.inbox.send(cmd)
+            try:
+                actor.inbox.send_nowait(cmd)
+            except trio.WouldBlock:
+                await actor.inbox.send(cmd)
+        return True
     except (trio.BrokenResourceError, trio.ClosedResourceError):
-        pass
+        return False
 
 
 class Cluster:
@@ -653,7 +657,7 @@ class Cluster:
                 else:
                     self._error_to(src, room_id, cid, exc)
                 return
-            if not await self._to_actor(actor, Message(rc, msg, raw, hold)) and seq is not None:
+            if not await _to_actor(actor, Message(rc, msg, raw, hold)) and seq is not None:
                 self.outlink(src).put(["n", room_id, cid, seq])  # the room ended here: again, elsewhere
         elif kind == "R":
             _, room_id, cid, req, peer_id, sub, role, metadata, token, announce = item
@@ -673,13 +677,13 @@ class Cluster:
                     conns.pop(cid, None)
 
             reply = _Reply(self, src, ["r", room_id, cid, req], on_none=forget)
-            await self._to_actor(actor, Register(rc, peer_id, sub, role, metadata, token, reply, bool(announce)))
+            await _to_actor(actor, Register(rc, peer_id, sub, role, metadata, token, reply, bool(announce)))
         elif kind == "L":
             _, room_id, cid = item
             rc = self.remote.get((room_id, src), {}).pop(cid, None)
             actor = self.supervisor.rooms.get(room_id)
             if rc is not None and actor is not None:
-                await self._to_actor(actor, Leave(rc))
+                await _to_actor(actor, Leave(rc))
         elif kind == "H":
             _, room_id, cids = item
             actor = self.supervisor.rooms.get(room_id)
@@ -689,7 +693,7 @@ class Cluster:
             conns = self.remote.setdefault((room_id, src), {})
             listed = set(cids)
             for cid in [c for c in conns if c not in listed]:
-                await self._to_actor(actor, Leave(conns.pop(cid)))
+                await _to_actor(actor, Leave(conns.pop(cid)))
             unknown = [c for c in cids if c not in conns]
             if unknown:
                 self.outlink(src).put(["u", room_id, unknown])
@@ -764,17 +768,6 @@ class Cluster:
     def _error_to(self, instance: str, room_id: str, cid: int, exc: E.ProtocolError) -> None:
         self.metrics.errors_by_code[exc.code] += 1
         self.outlink(instance).put(["o", room_id, cid, dumps(exc.to_message())])
-
-    @staticmethod
-    async def _to_actor(actor: RoomActor, cmd: Any) -> bool:
-        try:
-            try:
-                actor.inbox.send_nowait(cmd)
-            except trio.WouldBlock:
-                await actor.inbox.send(cmd)
-            return True
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            return False  # the room retired meanwhile
 
     async def _answer_call(self, src: str, room_id: str, req: int, op: str, args: tuple[Any, ...]) -> None:
         try:
@@ -904,7 +897,7 @@ class Cluster:
             event(logging.INFO, "room facts carried", room_id=actor.room_id,
                   subscriptions=len(facts.get("subs") or {}), reservations=len(facts.get("res") or {}))
             reply, _ = trio.open_memory_channel[Any](1)
-            await self._to_actor(actor, Call("carry", (facts, trio.current_time(), CARRY_WINDOW), reply))
+            await _to_actor(actor, Call("carry", (facts, trio.current_time(), CARRY_WINDOW), reply))
         actor.facts_loaded = True
         self._facts_changed(actor)  # what changed meanwhile is saved now
 
@@ -1021,7 +1014,7 @@ class Cluster:
                     event(logging.WARNING, "instance silent", instance=key[1], room_id=key[0], peers=len(conns))
                 for rc in conns.values():
                     if actor is not None:
-                        await self._to_actor(actor, Leave(rc))
+                        await _to_actor(actor, Leave(rc))
 
     async def _renew_loop(self) -> None:
         pause = RENEW
@@ -1120,12 +1113,16 @@ class Cluster:
             await trio.sleep(STATS_EVERY)
 
     # --------------------------------------------------------- shutdown
+    async def _flushed(self) -> None:
+        """Wait until every outlink has published what is queued (the caller bounds it)."""
+        while any(out.queued() for out in self.outlinks.values()):
+            await trio.sleep(0.02)
+
     async def leave_cluster(self) -> None:
         """Graceful shutdown: flush what is queued for other instances, and let go of our
         leases so that another instance takes our rooms without waiting for them to lapse."""
         with trio.move_on_after(1.5):
-            while any(out.queued() for out in self.outlinks.values()):
-                await trio.sleep(0.02)
+            await self._flushed()
             for room_id in list(self.supervisor.rooms):
                 with trio.move_on_after(0.5):
                     try:
@@ -1134,8 +1131,7 @@ class Cluster:
                         break
                 for r, instance in [k for k in self.remote if k[0] == room_id]:
                     self.outlink(instance).put(["g", r])  # their peers move at once
-            while any(out.queued() for out in self.outlinks.values()):
-                await trio.sleep(0.02)
+            await self._flushed()
             try:
                 await self.redis.zrem(f"{PREFIX}:instances", [self.id])
             except (coredis.exceptions.RedisError, OSError):

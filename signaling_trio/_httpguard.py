@@ -49,6 +49,15 @@ class Refusal:
     close: bool = True
     headers: tuple[tuple[bytes, bytes], ...] = ()
 
+    def encoded(self) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+        """The API's JSON error body and the headers that go with it."""
+        body = orjson.dumps({"error": self.code, "message": self.message})
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                   *self.headers]
+        if self.close:
+            headers.append((b"connection", b"close"))
+        return body, headers
+
 
 @dataclass
 class RateLimiter:
@@ -142,11 +151,7 @@ class HttpGuard:
 
     async def _refuse(self, scope: Scope, send: Send, refusal: Refusal, prefix: str = "http.") -> None:
         event(logging.INFO, "http refused", path=scope.get("path", "")[:100], status=refusal.status, code=refusal.code)
-        body = orjson.dumps({"error": refusal.code, "message": refusal.message})
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                   *refusal.headers]
-        if refusal.close:
-            headers.append((b"connection", b"close"))
+        body, headers = refusal.encoded()
         await send({"type": prefix + "response.start", "status": refusal.status, "headers": headers})
         await send({"type": prefix + "response.body", "body": body, "more_body": False})
 

@@ -31,7 +31,6 @@ from functools import partial
 from typing import Any
 
 import h11
-import orjson
 import trio
 from hypercorn.app_wrappers import ASGIWrapper
 from hypercorn.config import Config
@@ -45,6 +44,7 @@ from hypercorn.typing import ConnectionState
 from hypercorn.utils import parse_socket_addr
 
 from ._accept import serve_listener
+from ._httpguard import Refusal
 from ._log import logger
 
 SEND_TIMEOUT = 10.0  # a response a client does not read within this is abandoned
@@ -59,10 +59,9 @@ _REASONS = {400: "malformed HTTP request", 408: "request not complete in time",
 
 def protocol_error_bytes(conn: h11.Connection, status: int) -> bytes:
     """The JSON answer to a request h11 could not parse; the connection closes after it."""
-    body = orjson.dumps({"error": "BAD_REQUEST" if status < 500 else "NOT_SUPPORTED",
-                         "message": _REASONS.get(status, "malformed HTTP request")})
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-               (b"connection", b"close")]
+    refusal = Refusal(status, "BAD_REQUEST" if status < 500 else "NOT_SUPPORTED",
+                      _REASONS.get(status, "malformed HTTP request"))
+    body, headers = refusal.encoded()
     return (conn.send(h11.Response(status_code=status, headers=headers))
             + conn.send(h11.Data(data=body)) + conn.send(h11.EndOfMessage()))
 

@@ -81,8 +81,12 @@ class _ServerCollector:
             yield gauge("signaling_cluster_peers", "Registered peers, all instances", view["active_connections"])
             yield counter("signaling_cluster_items_sent", "Items published to other instances", m.cluster_sent)
             yield counter("signaling_cluster_items_received", "Items received from other instances", m.cluster_received)
-            yield counter("signaling_cluster_items_dropped", "Items to other instances dropped (queue full, Redis away over 10 s, nobody receiving)", m.cluster_drops)
-            yield counter("signaling_cluster_items_duplicate", "Items received twice (a batch published again, a request answered by two owners around a move), not delivered", m.cluster_duplicates)
+            yield counter("signaling_cluster_items_dropped",
+                          "Items to other instances dropped (queue full, Redis away over 10 s, nobody receiving)",
+                          m.cluster_drops)
+            yield counter("signaling_cluster_items_duplicate",
+                          "Items received twice (a batch published again, a request answered by two owners "
+                          "around a move), not delivered", m.cluster_duplicates)
         depths = [a.queue_depth() for a in sup.rooms.values()]
         yield gauge("signaling_room_inbox_depth_max", "Deepest room actor inbox now", max(depths, default=0))
         yield gauge("signaling_room_inbox_depth_sum", "Commands waiting in all room actor inboxes", sum(depths))

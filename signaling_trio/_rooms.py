@@ -175,11 +175,10 @@ class RoomActor:
         state = self.state
         if type(cmd) is Message:
             hold = cmd.answer
-            if hold is None:
+            if hold is None or hold.begin():
                 self._apply(state.handle(cmd.conn, cmd.msg, cmd.raw, now))
-            elif hold.begin():
-                self._apply(state.handle(cmd.conn, cmd.msg, cmd.raw, now))
-                hold.end()
+                if hold is not None:
+                    hold.end()
             self.metrics.messages_by_type[cmd.msg["type"]] += 1
         elif type(cmd) is Leave:
             self._apply(state.leave(cmd.conn))
