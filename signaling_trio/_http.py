@@ -1,7 +1,11 @@
 """The HTTP API (quart-trio, served by hypercorn on the server's nursery).
 
-Owns: request parsing and the auth rules of each endpoint (SPEC section 2).
-Never touches: a room's state directly; it asks the room's actor through the supervisor.
+Owns: request parsing and the auth rule of each endpoint (SPEC section 2), and the JSON
+shape of every HTTP error.
+Never touches: a room's state directly; it asks the room through the `RoomRouter`.
+
+Each endpoint is a method of `HttpApi`, registered from the `ROUTES` table; what they
+share (the Bearer check, the body, a field, a store or room call) is one helper each.
 """
 
 from __future__ import annotations
@@ -11,7 +15,8 @@ import logging
 import secrets
 import time
 import uuid
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable
 
 import orjson
 import trio
@@ -19,17 +24,17 @@ from quart import request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
-from . import __version__
 from ._log import event
-from ._prometheus import negotiate
-from .auth import AuthError
+from ._prometheus import PrometheusExporter, negotiate
+from ._router import RoomRouter
+from ._version import __version__
+from .auth import AuthError, LocalAuthority, Verifier
+from .config import Settings
 from .protocol import errors as E
-from .store import RoomRecord, StoreFull, StoreUnavailable, bounded, hash_token
-
-if TYPE_CHECKING:
-    from .server import SignalingServer
+from .store import RoomRecord, Store, StoreFull, StoreUnavailable, bounded, hash_token
 
 MAX_TTL = 30 * 86400
+MAX_FIELD_LEN = 256
 
 
 class HttpError(Exception):
@@ -38,54 +43,54 @@ class HttpError(Exception):
         self.status, self.code, self.message = status, code, message
 
 
+@dataclass(frozen=True, slots=True)
+class HttpContext:
+    """What the endpoints need of the server."""
+
+    settings: Settings
+    store: Store
+    verifier: Verifier
+    local_authority: Callable[[], LocalAuthority | None]  # auth=local: this server issues tokens
+    jwks_ready: Callable[[], bool] | None  # auth=oidc: the issuer's keys are loaded
+    router: RoomRouter
+    metrics_json: Callable[[], dict[str, Any]]
+    prometheus: PrometheusExporter
+    count_room_created: Callable[[], None]
+
+
 def utc_timestamp() -> str:
     return datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None).isoformat() + "Z"
 
 
-def create_app(server: "SignalingServer") -> QuartTrio:
-    app = QuartTrio("signaling_trio")
-    app.config["MAX_CONTENT_LENGTH"] = 64 * 1024
+def _error(status: int, code: str, message: str) -> tuple[dict[str, str], int]:
+    return {"error": code, "message": message}, status
 
-    @app.errorhandler(HttpError)
-    async def _http_error(exc: HttpError) -> Any:
-        event(logging.INFO, "http error", path=request.path, status=exc.status, code=exc.code)
-        return {"error": exc.code, "message": exc.message}, exc.status
 
-    @app.errorhandler(404)
-    async def _not_found(exc: Any) -> Any:
-        return {"error": "NOT_FOUND", "message": f"no such endpoint: {request.method} {request.path}"}, 404
+def _not_available(message: str) -> HttpError:
+    return HttpError(404, "NOT_AVAILABLE", message)
 
-    @app.errorhandler(405)
-    async def _bad_method(exc: Any) -> Any:
-        return {"error": "METHOD_NOT_ALLOWED", "message": f"{request.method} is not allowed on {request.path}"}, 405
 
-    @app.errorhandler(HTTPException)
-    async def _http_exception(exc: HTTPException) -> Any:
-        code = (exc.name or "error").upper().replace(" ", "_")
-        return {"error": code, "message": exc.description or code}, exc.code or 400
+class HttpApi:
+    def __init__(self, ctx: HttpContext) -> None:
+        self.ctx = ctx
 
-    @app.errorhandler(Exception)
-    async def _bug(exc: Exception) -> Any:
-        # one line, no traceback: a request must never be able to flood the log
-        event(logging.ERROR, "http handler failed", path=request.path, error=type(exc).__name__)
-        return {"error": "INTERNAL_ERROR", "message": "the server failed to handle this request"}, 500
-
-    async def store_call(coro_fn: Any, *args: Any) -> Any:
+    # ------------------------------------------------------------ helpers
+    async def store_call(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> Any:
         try:
-            return await bounded(coro_fn, *args)
+            return await bounded(fn, *args)
         except StoreFull:
             raise HttpError(507, E.STORE_UNAVAILABLE, "the room store is out of space; nothing was changed") from None
         except StoreUnavailable:
             raise HttpError(503, E.STORE_UNAVAILABLE, "the room store cannot be reached") from None
 
-    async def room_call(room_id: str, op: str, *args: Any) -> Any:
+    async def room_call(self, room_id: str, op: str, *args: Any) -> Any:
         """A question for the room's actor (here or on the instance that owns it)."""
         try:
-            return await server.supervisor.call(room_id, op, *args)
+            return await self.ctx.router.call(room_id, op, *args)
         except (trio.TooSlowError, StoreUnavailable):
             raise HttpError(503, E.STORE_UNAVAILABLE, "the room did not answer in time; try again") from None
 
-    async def bearer(required: bool) -> dict[str, Any] | None:
+    async def bearer(self, required: bool) -> dict[str, Any] | None:
         header = request.headers.get("Authorization", "")
         if not header:
             if required:
@@ -94,10 +99,16 @@ def create_app(server: "SignalingServer") -> QuartTrio:
         # v1 servers stripped "Bearer " if present; a bare token was accepted too.
         token = header[7:].strip() if header[:7].lower() == "bearer " else header.strip()
         try:
-            return await server.verifier.verify(token)
+            return await self.ctx.verifier.verify(token)
         except AuthError as exc:
             raise HttpError(401, E.INVALID_ID_TOKEN, str(exc)) from None
 
+    async def subject(self) -> str:
+        claims = await self.bearer(required=True)
+        assert claims is not None
+        return str(claims["sub"])
+
+    @staticmethod
     async def body() -> dict[str, Any]:
         raw = await request.get_data()
         if not raw:
@@ -110,128 +121,174 @@ def create_app(server: "SignalingServer") -> QuartTrio:
             raise HttpError(400, E.INVALID_MESSAGE, "the body must be a JSON object")
         return data
 
-    def string_field(data: dict[str, Any], name: str, required: bool = True) -> str | None:
+    @staticmethod
+    def field(data: dict[str, Any], name: str) -> str:
+        value = HttpApi.optional_field(data, name)
+        if value is None:
+            raise HttpError(400, E.MISSING_FIELDS, f"Missing required fields: {name}")
+        return value
+
+    @staticmethod
+    def optional_field(data: dict[str, Any], name: str) -> str | None:
         value = data.get(name)
         if value is None:
-            if required:
-                raise HttpError(400, E.MISSING_FIELDS, f"Missing required fields: {name}")
             return None
-        if not isinstance(value, str) or not value or len(value) > 256:
+        if not isinstance(value, str) or not value or len(value) > MAX_FIELD_LEN:
             raise HttpError(400, E.INVALID_MESSAGE, f"field '{name}' must be a non-empty string")
         return value
 
-    @app.get("/health")
-    async def health() -> Any:
+    # ---------------------------------------------------------- endpoints
+    async def health(self) -> Any:
         checks: dict[str, Any] = {}
         try:
             with trio.fail_after(2):
-                await server.store.check()
+                await self.ctx.store.check()
             checks["store"] = "ok"
         except (StoreUnavailable, trio.TooSlowError) as exc:
             checks["store"] = "unreachable" if isinstance(exc, trio.TooSlowError) else "error"
-        if server.oidc is not None:
-            checks["jwks"] = "ok" if server.oidc.ready else "unavailable"
-        body_ = {"status": "healthy", "timestamp": utc_timestamp(), "version": __version__}
+        if self.ctx.jwks_ready is not None:
+            checks["jwks"] = "ok" if self.ctx.jwks_ready() else "unavailable"
+        answer: dict[str, Any] = {"status": "healthy", "timestamp": utc_timestamp(), "version": __version__}
         if any(v != "ok" for v in checks.values()):
-            body_["status"] = "unhealthy"
-            body_["checks"] = checks
-            return body_, 503
-        return body_
+            return answer | {"status": "unhealthy", "checks": checks}, 503
+        return answer
 
-    @app.get("/metrics")
-    async def metrics() -> Any:
+    async def metrics(self) -> Any:
         # JSON stays the default (v2); Prometheus scrapers ask for text or OpenMetrics.
         best = negotiate(request.headers.get("Accept", ""))
         if best == "json":
-            return server.metrics_json()
-        body_, content_type = server.prometheus.render(openmetrics=best == "openmetrics")
-        return body_, 200, {"Content-Type": content_type}
+            return self.ctx.metrics_json()
+        text, content_type = self.ctx.prometheus.render(openmetrics=best == "openmetrics")
+        return text, 200, {"Content-Type": content_type}
 
-    @app.post("/anonymous-signin")
-    async def anonymous_signin() -> Any:
-        if server.local_authority is None:
-            raise HttpError(
-                404, "NOT_AVAILABLE",
-                "anonymous sign-in is only offered with --auth local; sign in with your identity provider",
-            )
+    async def anonymous_signin(self) -> Any:
+        authority = self.ctx.local_authority()
+        if authority is None:
+            raise _not_available("anonymous sign-in is only offered with --auth local; "
+                                 "sign in with your identity provider")
         username = str(uuid.uuid4())
-        token = server.local_authority.issue(username)
         event(logging.INFO, "anonymous signin", sub=username)
-        return {"id_token": token, "username": username}
+        return {"id_token": authority.issue(username), "username": username}
 
-    @app.get("/.well-known/jwks.json")
-    async def jwks() -> Any:
-        if server.local_authority is None:
-            raise HttpError(404, "NOT_AVAILABLE", "this server verifies an external issuer's tokens; it has no keys of its own")
-        return server.local_authority.jwks()
+    async def jwks(self) -> Any:
+        authority = self.ctx.local_authority()
+        if authority is None:
+            raise _not_available("this server verifies an external issuer's tokens; it has no keys of its own")
+        return authority.jwks()
 
-    @app.post("/create-room")
-    async def create_room() -> Any:
-        claims = await bearer(required=True)
-        assert claims is not None
+    async def create_room(self) -> Any:
+        sub = await self.subject()
         now = time.time()
         room_id = secrets.token_hex(6)
         token = secrets.token_urlsafe(24)  # 192 bits
-        expires_at = int(now + server.settings.room_ttl)
-        await store_call(server.store.create_room, RoomRecord(room_id, hash_token(token), claims["sub"], now, expires_at))
-        server.metrics.rooms_created += 1
-        event(logging.INFO, "room created", room_id=room_id, creator=claims["sub"])
+        expires_at = int(now + self.ctx.settings.room_ttl)
+        await self.store_call(self.ctx.store.create_room, RoomRecord(room_id, hash_token(token), sub, now, expires_at))
+        self.ctx.count_room_created()
+        event(logging.INFO, "room created", room_id=room_id, creator=sub)
         return {"room_id": room_id, "token": token, "expires_at": expires_at}
 
-    @app.post("/extend-room")
-    async def extend_room() -> Any:
-        claims = await bearer(required=True)
-        assert claims is not None
-        data = await body()
-        room_id = string_field(data, "room_id")
-        assert room_id is not None
-        ttl = data.get("ttl_sec", server.settings.room_ttl)
+    async def extend_room(self) -> Any:
+        sub = await self.subject()
+        data = await self.body()
+        room_id = self.field(data, "room_id")
+        ttl = data.get("ttl_sec", self.ctx.settings.room_ttl)
         if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not 1 <= ttl <= MAX_TTL:
             raise HttpError(400, E.INVALID_MESSAGE, f"'ttl_sec' must be a number from 1 to {MAX_TTL}")
-        record = await store_call(server.store.get_room, room_id)
+        record = await self.store_call(self.ctx.store.get_room, room_id)
         if record is None:
             raise HttpError(404, E.ROOM_NOT_FOUND, f"Room {room_id} not found")
-        sub = claims["sub"]
         if sub != record.creator:
-            subs = await room_call(room_id, "subs")
-            if not subs or sub not in subs:
+            subjects = await self.room_call(room_id, "subjects")
+            if not subjects or sub not in subjects:
                 raise HttpError(403, "FORBIDDEN", "only the room's creator or a peer registered in it may extend it")
         expires_at = int(time.time() + ttl)
-        await store_call(server.store.set_expiry, room_id, expires_at)
+        await self.store_call(self.ctx.store.set_expiry, room_id, expires_at)
         event(logging.INFO, "room extended", room_id=room_id, ttl=ttl)
         return {"room_id": room_id, "expires_at": expires_at}
 
-    @app.post("/delete-peers-and-room")
-    async def delete_peers_and_room() -> Any:
-        data = await body()
-        peer_id = string_field(data, "peer_id")
-        assert peer_id is not None
-        claims = await bearer(required=False)
-        room_id = string_field(data, "room_id", required=False) or await server.supervisor.find_room(peer_id)
+    async def delete_peers_and_room(self) -> Any:
+        data = await self.body()
+        peer_id = self.field(data, "peer_id")
+        claims = await self.bearer(required=False)
+        room_id = self.optional_field(data, "room_id") or await self.ctx.router.find_room(peer_id)
         if room_id is None:
             return {"status": "peer not found"}
-        record = await store_call(server.store.get_room, room_id)
-        peer_sub = await room_call(room_id, "peer_sub", peer_id)
+        record = await self.store_call(self.ctx.store.get_room, room_id)
         sub = claims["sub"] if claims else None
-
         if record is not None and sub is not None and sub == record.creator:
-            await room_call(room_id, "kick", None, E.CLOSE_NORMAL, "room deleted")
-            await store_call(server.store.delete_room, room_id)
+            await self.room_call(room_id, "kick", None, E.CLOSE_NORMAL, "room deleted")
+            await self.store_call(self.ctx.store.delete_room, room_id)
             event(logging.INFO, "room deleted", room_id=room_id, by="creator")
             return {"status": "room deleted; all peers disconnected"}
+        peer_subject = await self.room_call(room_id, "peer_subject", peer_id)
+        if peer_subject is not None:
+            if sub is None or sub != peer_subject:
+                raise HttpError(403, "FORBIDDEN",
+                                f"peer {peer_id} is still connected; only it or the room's creator may remove it")
+            await self.room_call(room_id, "kick", peer_id, E.CLOSE_NORMAL, "peer deleted")
+        return await self._after_peer_deleted(room_id, record)
 
-        if peer_sub is not None:
-            if sub is None or sub != peer_sub:
-                raise HttpError(403, "FORBIDDEN", f"peer {peer_id} is still connected; only it or the room's creator may remove it")
-            await room_call(room_id, "kick", peer_id, E.CLOSE_NORMAL, "peer deleted")
-
-        remaining = await room_call(room_id, "count") or 0
+    async def _after_peer_deleted(self, room_id: str, record: RoomRecord | None) -> dict[str, str]:
+        remaining = await self.room_call(room_id, "count") or 0
         if record is None:
             return {"status": "peer deleted. Room status: not found"}
         if remaining == 0:
-            await store_call(server.store.delete_room, room_id)
+            await self.store_call(self.ctx.store.delete_room, room_id)
             event(logging.INFO, "room deleted", room_id=room_id, by="last peer")
             return {"status": "peer deleted successfully. Room status: deleted"}
         return {"status": f"peer deleted successfully. Room status: active ({remaining} peers connected)"}
 
+
+ROUTES: tuple[tuple[str, str, str], ...] = (
+    ("GET", "/health", "health"),
+    ("GET", "/metrics", "metrics"),
+    ("POST", "/anonymous-signin", "anonymous_signin"),
+    ("GET", "/.well-known/jwks.json", "jwks"),
+    ("POST", "/create-room", "create_room"),
+    ("POST", "/extend-room", "extend_room"),
+    ("POST", "/delete-peers-and-room", "delete_peers_and_room"),
+)
+
+
+async def _on_http_error(exc: HttpError) -> Any:
+    event(logging.INFO, "http error", path=request.path, status=exc.status, code=exc.code)
+    return _error(exc.status, exc.code, exc.message)
+
+
+async def _on_not_found(exc: Any) -> Any:
+    return _error(404, "NOT_FOUND", f"no such endpoint: {request.method} {request.path}")
+
+
+async def _on_bad_method(exc: Any) -> Any:
+    return _error(405, "METHOD_NOT_ALLOWED", f"{request.method} is not allowed on {request.path}")
+
+
+async def _on_http_exception(exc: HTTPException) -> Any:
+    code = (exc.name or "error").upper().replace(" ", "_")
+    return _error(exc.code or 400, code, exc.description or code)
+
+
+async def _on_bug(exc: Exception) -> Any:
+    # one line, no traceback: a request must never be able to flood the log
+    event(logging.ERROR, "http handler failed", path=request.path, error=type(exc).__name__)
+    return _error(500, "INTERNAL_ERROR", "the server failed to handle this request")
+
+
+ERROR_HANDLERS: tuple[tuple[Any, Callable[..., Awaitable[Any]]], ...] = (
+    (HttpError, _on_http_error),
+    (404, _on_not_found),
+    (405, _on_bad_method),
+    (HTTPException, _on_http_exception),
+    (Exception, _on_bug),
+)
+
+
+def create_app(ctx: HttpContext) -> QuartTrio:
+    app = QuartTrio("signaling_trio")
+    app.config["MAX_CONTENT_LENGTH"] = 64 * 1024
+    api = HttpApi(ctx)
+    for method, path, name in ROUTES:
+        app.add_url_rule(path, name, getattr(api, name), methods=[method])
+    for key, handler in ERROR_HANDLERS:
+        app.register_error_handler(key, handler)
     return app

@@ -120,8 +120,12 @@ class HttpGuard:
         elif kind == "websocket":
             port = self.ws_port()
             where = f"port {port}" if port else "the WebSocket port"
-            await self._refuse(scope, send, Refusal(400, "WRONG_PORT", f"this is the HTTP API; WebSockets connect to {where}"),
-                               prefix="websocket.http.")
+            await self._refuse(
+                scope,
+                send,
+                Refusal(400, "WRONG_PORT", f"this is the HTTP API; WebSockets connect to {where}"),
+                prefix="websocket.http.",
+            )
         elif kind == "http":
             await self._http(scope, receive, send)
 

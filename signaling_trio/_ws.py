@@ -1,43 +1,79 @@
 """The WebSocket side: one task tree per connection.
 
-Owns: reading frames (size, rate, UTF-8, JSON shape), registration (id_token and room
-checks against auth and the store), the connection's bounded outbox and its writer,
-the register deadline, the stalled-reader cut-off and the idle heartbeat.
-Never touches: a room's state (it sends commands to the room's actor).
+Owns: reading frames (size, rate, UTF-8, JSON shape), the connection's bounded outbox
+and its writer, the register deadline, the stalled-reader cut-off and the idle
+heartbeat; which connections are live (`LiveConnections`).
+Never touches: a room's state (it sends commands to its room handle), credentials and
+room records (registration is `_register.Registrar`'s).
 
 Timers: a connection keeps timestamps, not cancel scopes. One server task,
 `sweep_connections`, checks every connection's register deadline, stalled send, idle
-silence and lingering writer a few times a second (`Connection.check_timers`). The
-reader used to wait under a deadline cancel scope per frame (~600 bytes while an idle
-peer waits, ~14 us to enter and leave) and the writer moved two deadlines per batch;
-docs/PERFORMANCE.md has what removing them measured.
+silence and lingering writer a few times a second (`Connection.check_timers`): a cancel
+scope per frame or per connection costs time and memory that this avoids
+(docs/PERFORMANCE.md has the figures).
 """
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import logging
 import math
-import time
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest
 
-from ._wsfix import send_many  # also: 1007/1002 close frames
 from . import _log
+from ._actors import Leave, Message
 from ._log import event
-from ._rooms import Leave, Message, Register
-from .auth import AuthError
+from ._metrics import Metrics
+from ._register import Identity, Registrar, Registration
+from ._wsfix import send_many  # also: 1007/1002 close frames
+from .config import Settings
 from .protocol import errors as E
-from .protocol import metadata as md
 from .protocol.limits import TokenBucket
 from .protocol.messages import ROOM_TYPES, decode, dumps
-from .store import StoreUnavailable, bounded
+from .protocol.registration import parse_register
 
-if TYPE_CHECKING:
-    from .server import SignalingServer
+
+class LiveConnections:
+    """The server's open connections (for the sweeper, and for shutdown to close them)."""
+
+    def __init__(self) -> None:
+        self.all: set[Connection] = set()
+        self.drained = trio.Event()  # set when the last one ends
+
+    def add(self, conn: "Connection") -> None:
+        self.all.add(conn)
+
+    def discard(self, conn: "Connection") -> None:
+        self.all.discard(conn)
+        if not self.all:
+            self.drained.set()
+
+    async def close_all(self, code: int, reason: str) -> None:
+        """Ask every connection to close; return when all have ended."""
+        if self.all:
+            self.drained = trio.Event()
+            for conn in list(self.all):
+                conn.request_close(code, reason)
+            await self.drained.wait()
+
+    def __len__(self) -> int:
+        return len(self.all)
+
+
+@dataclass(frozen=True, slots=True)
+class WsContext:
+    """What every connection needs of the server."""
+
+    settings: Settings
+    metrics: Metrics
+    registrar: Registrar
+    live: LiveConnections
+    observe_register: Callable[[float], None]  # seconds from a register frame to its answer
+
 
 _ids = itertools.count(1)
 
@@ -47,24 +83,21 @@ WRITER_LINGER = 2.0  # seconds an idle writer task waits for more frames before 
 SWEEP_PERIOD = 1.0  # at most; shorter when a configured timeout is (see _sweep_period)
 SWEEP_CHUNK = 512  # connections checked between checkpoints
 SWEEP_WAKES = 32  # tasks woken (or started) between checkpoints
-MAX_ID_LEN = 256
-MAX_TOKEN_LEN = 16384
-REGISTER_REPLY_TIMEOUT = 5.0  # a room (perhaps on another instance) answers a Register within this
 
 
 class Connection:
     __slots__ = (
-        "id", "server", "settings", "metrics", "ws", "_outbox", "_nursery", "_writer_token", "_parked",
+        "id", "ctx", "settings", "metrics", "ws", "_outbox", "_nursery", "_writer_token", "_parked",
         "_parked_at", "_send_since", "_pinging", "_register_by",
-        "close_code", "close_reason", "peer_id", "room_id", "actor", "sub", "id_token_digest",
+        "close_code", "close_reason", "registration", "identity",
         "_bucket", "_rate_error_at", "_last_rx", "_overflowing",
     )
 
-    def __init__(self, server: "SignalingServer", ws: WebSocketConnection) -> None:
+    def __init__(self, ctx: WsContext, ws: WebSocketConnection) -> None:
         self.id = next(_ids)
-        self.server = server
-        self.settings = server.settings
-        self.metrics = server.metrics
+        self.ctx = ctx
+        self.settings = ctx.settings
+        self.metrics = ctx.metrics
         self.ws = ws
         # The outbox: frames waiting for the writer task, which runs only while there is
         # something to write (an idle connection costs one task, not two).
@@ -78,13 +111,8 @@ class Connection:
         self.close_code: int | None = None
         self.close_reason = ""
         # registration, owned by this connection's task
-        self.peer_id: str | None = None
-        self.room_id: str | None = None
-        self.actor: Any = None  # the room's RoomActor, or with a cluster its RoomLink
-        self.sub: str | None = None
-        # a digest of the id_token this connection registered with (the token itself is
-        # a kilobyte; only "same token again?" is ever asked of it)
-        self.id_token_digest: bytes | None = None
+        self.registration: Registration | None = None  # the room it is in, and as whom
+        self.identity: Identity | None = None  # the last credential it registered with
         # rate limit: a token bucket on trio's clock
         self._bucket = TokenBucket(self.settings.rate_limit, self.settings.rate_burst, trio.current_time())
         self._rate_error_at = -math.inf
@@ -94,6 +122,14 @@ class Connection:
 
     def __repr__(self) -> str:
         return f"<Connection {self.id} peer={self.peer_id}>"
+
+    @property
+    def peer_id(self) -> str | None:
+        return self.registration.peer_id if self.registration is not None else None
+
+    @property
+    def room_id(self) -> str | None:
+        return self.registration.room_id if self.registration is not None else None
 
     # ------------------------------------------------ called by rooms (no awaits)
     def deliver(self, text: str) -> None:
@@ -126,6 +162,11 @@ class Connection:
         if nursery is not None:  # (before run() starts, it sees close_code and reads nothing)
             nursery.cancel_scope.cancel()
 
+    def room_lost(self, room: Any) -> None:
+        """The room no longer has this connection (a restore after a move was refused)."""
+        if self.registration is not None and self.registration.room is room:
+            self.registration = None
+
     # ------------------------------------------------------------- the task
     async def run(self) -> None:
         if _log.logger.isEnabledFor(logging.INFO):
@@ -142,7 +183,7 @@ class Connection:
                         nursery.cancel_scope.cancel()
         finally:
             with trio.CancelScope(shield=True):
-                await self._leave_room()
+                await self.leave_room()
                 code = self.close_code or E.CLOSE_NORMAL
                 self.metrics.closes_by_code[code] += 1
                 with trio.move_on_after(2):
@@ -188,7 +229,7 @@ class Connection:
         if nursery is None or self.close_code is not None:
             return False  # not running, or already closing
         settings = self.settings
-        if self.id_token_digest is None and now >= self._register_by:
+        if self.identity is None and now >= self._register_by:
             event(logging.INFO, "register timeout", conn=self.id)
             self.metrics.register_timeouts += 1
             self.request_close(E.CLOSE_POLICY, "register timeout")
@@ -236,23 +277,23 @@ class Connection:
         elif mtype == "register":
             started = trio.current_time()
             try:
-                await self._register(msg)
-                self.server.prometheus.register_seconds.observe(trio.current_time() - started)
+                self.registration = await self.ctx.registrar.register(self, parse_register(msg))
+                self.ctx.observe_register(trio.current_time() - started)
             except E.ProtocolError as exc:
                 exc.extra.setdefault("reason", exc.message)  # v1 clients read "reason"
                 self._error(exc)
-        elif self.actor is None:
+        elif self.registration is None:
             self._error(E.ProtocolError(E.NOT_IN_ROOM, "Peer not registered in any room"))
         elif mtype in ROOM_TYPES:
-            inbox = self.actor.inbox
+            room = self.registration.room
             cmd = Message(self, msg, raw)
             try:
                 try:
-                    inbox.send_nowait(cmd)
+                    room.send_nowait(cmd)
                 except trio.WouldBlock:  # the room is busy: this connection waits, no other
-                    await inbox.send(cmd)
+                    await room.send(cmd)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
-                self._lost_room()
+                self.registration = None
                 self._error(E.ProtocolError(E.NOT_IN_ROOM, "Peer not registered in any room"))
         else:
             self._error(E.ProtocolError(E.UNKNOWN_MESSAGE_TYPE, f"Unknown message type: {mtype}"))
@@ -274,98 +315,13 @@ class Connection:
             ))
         return False
 
-    # -------------------------------------------------------------- register
-    async def _register(self, msg: dict[str, Any]) -> None:
-        missing = [f for f in ("peer_id", "room_id", "token", "id_token") if msg.get(f) in (None, "")]
-        if missing:
-            raise E.ProtocolError(E.MISSING_FIELDS, "Missing required fields during registration: " + ", ".join(missing))
-        for name, limit in (("peer_id", MAX_ID_LEN), ("room_id", MAX_ID_LEN), ("token", MAX_ID_LEN), ("id_token", MAX_TOKEN_LEN)):
-            value = msg[name]
-            if not isinstance(value, str) or len(value) > limit:
-                raise E.ProtocolError(E.INVALID_MESSAGE, f"field '{name}' must be a string of at most {limit} characters")
-        peer_id, room_id, token, id_token = msg["peer_id"], msg["room_id"], msg["token"], msg["id_token"]
-        role = msg.get("role")
-        if role is None:
-            role = "peer"
-        elif not isinstance(role, str) or not role or len(role) > MAX_ID_LEN:
-            raise E.ProtocolError(E.INVALID_MESSAGE, "field 'role' must be a non-empty string")
-        metadata = md.validate(msg.get("metadata"))
-
-        # Identity. A token this connection already presented was verified then; a
-        # long-running worker re-registering with it after it expired keeps working.
-        digest = hashlib.blake2b(id_token.encode(), digest_size=16).digest()
-        if digest == self.id_token_digest and self.sub is not None:
-            sub = self.sub
-        else:
-            try:
-                claims = await self.server.verifier.verify(id_token)
-            except AuthError as exc:
-                raise E.ProtocolError(E.INVALID_ID_TOKEN, str(exc)) from None
-            sub = claims["sub"]
-
-        already_here = self.actor is not None and self.room_id == room_id
-        try:
-            record = await bounded(self.server.store.get_room, room_id)
-        except StoreUnavailable:
-            raise E.ProtocolError(E.STORE_UNAVAILABLE, "the room store cannot be reached; try again") from None
-        if record is None:
-            raise E.ProtocolError(E.ROOM_NOT_FOUND, f"Room {room_id} not found")
-        if not record.token_matches(token):
-            raise E.ProtocolError(E.INVALID_ROOM_TOKEN, "Invalid room token")
-        if record.expires_at <= time.time() and not already_here:
-            raise E.ProtocolError(E.ROOM_EXPIRED, f"Room {room_id} expired")
-
-        if self.actor is not None and self.room_id != room_id:
-            await self._leave_room()
-
-        reply_send, reply_recv = trio.open_memory_channel[str | None](1)
-        cmd = Register(self, peer_id, sub, role, metadata, token, reply_send)
-        cluster = self.server.supervisor.cluster
-        for _attempt in range(3):
-            try:
-                if cluster is None:
-                    actor: Any = self.server.supervisor.room(room_id)
-                else:  # the room may live on another instance: its link carries the Register
-                    actor = await cluster.link(room_id)
-                await actor.inbox.send(cmd)
-                break
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                continue  # the room retired between lookup and send; a new one starts
-            except StoreUnavailable:
-                raise E.ProtocolError(E.STORE_UNAVAILABLE, "the room store cannot be reached; try again") from None
-        else:
-            raise E.ProtocolError(E.STORE_UNAVAILABLE, "room unavailable; try again")
-        bound = None
-        with trio.move_on_after(REGISTER_REPLY_TIMEOUT) as waited:
-            bound = await reply_recv.receive()
-        if waited.cancelled_caught:
-            if cluster is not None:
-                actor.forget_register(self.id)
-            raise E.ProtocolError(E.STORE_UNAVAILABLE, "the room did not answer in time; try again")
-        if bound is None:
-            if self.room_id == room_id:
-                self._lost_room()
-            return  # the room told the peer why
-        self.peer_id, self.room_id, self.actor = bound, room_id, actor
-        self.sub, self.id_token_digest = sub, digest
-        self.server.supervisor.note_peer(bound, room_id)
-        if cluster is not None:
-            cluster.note_peer(bound, room_id)
-        event(logging.INFO, "register", conn=self.id, peer_id=bound, room_id=room_id, role=role)
-
-    def _lost_room(self) -> None:
-        self.actor = None
-        self.room_id = None
-        self.peer_id = None
-
-    async def _leave_room(self) -> None:
-        actor = self.actor
-        if actor is None:
+    async def leave_room(self) -> None:
+        registration, self.registration = self.registration, None
+        if registration is None:
             return
-        self._lost_room()
         try:
             with trio.move_on_after(2):
-                await actor.inbox.send(Leave(self))
+                await registration.room.send(Leave(self))
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
 
@@ -415,21 +371,21 @@ class Connection:
         await trio.lowlevel.wait_task_rescheduled(abort)
 
 
-def _sweep_period(settings: Any) -> float:
+def _sweep_period(settings: Settings) -> float:
     return min(SWEEP_PERIOD, WRITER_LINGER / 2, settings.register_timeout / 4, settings.idle_ping_interval / 4,
                settings.stalled_reader_timeout / 4)
 
 
-async def sweep_connections(server: "SignalingServer") -> None:
+async def sweep_connections(live: LiveConnections, settings: Settings) -> None:
     """Every connection's timers (Connection.check_timers), a few times a second. It
     yields after every SWEEP_CHUNK connections checked and every SWEEP_WAKES tasks woken
     (20,000 writers lingering out together must not run as one scheduler batch: a probe's
     round trips would wait behind them)."""
     while True:
-        await trio.sleep(_sweep_period(server.settings))
+        await trio.sleep(_sweep_period(settings))
         checked = woken = 0
         now = trio.current_time()
-        for conn in list(server.connections):
+        for conn in list(live.all):
             if conn.check_timers(now):
                 woken += 1
             checked += 1
@@ -447,25 +403,24 @@ def _remote(ws: WebSocketConnection) -> str:
         return "gone"
 
 
-async def handle_request(server: "SignalingServer", request: WebSocketRequest) -> None:
+async def handle_request(ctx: WsContext, request: WebSocketRequest) -> None:
     try:
         with trio.fail_after(10):
             ws = await request.accept()
     except (ConnectionClosed, trio.TooSlowError, OSError):
         return
-    conn = Connection(server, ws)
-    server.metrics.total_connections += 1
-    server.metrics.active_connections += 1
-    server.connections.add(conn)
+    conn = Connection(ctx, ws)
+    metrics = ctx.metrics
+    metrics.total_connections += 1
+    metrics.active_connections += 1
+    ctx.live.add(conn)
     try:
         await conn.run()
     except Exception:
         # A bug in one connection's handling must not reach the listener's nursery
         # (that would end the server): log it, and that connection alone is over.
-        server.metrics.connection_crashes += 1
+        metrics.connection_crashes += 1
         _log.logger.exception("connection crashed", extra={"fields": {"conn": conn.id}})
     finally:
-        server.connections.discard(conn)
-        server.metrics.active_connections -= 1
-        if not server.connections:
-            server.connections_drained.set()
+        ctx.live.discard(conn)
+        metrics.active_connections -= 1

@@ -86,33 +86,42 @@ async def _reader_task(self: WebSocketConnection) -> None:
             self._reader_running = False
     async with self._send_channel:
         while self._reader_running:
-            for event in self._wsproto.events():
-                name = _HANDLERS.get(type(event))
-                if name is None:
-                    continue  # (trio-websocket logs a warning; wsproto has no other events)
-                try:
-                    await getattr(self, name)(event)
-                except ConnectionClosed:
-                    self._reader_running = False
-                    break
-            event = data = None  # an idle connection keeps no frame alive
-            try:
-                data = await self._stream.receive_some(self._receive_buffer_size)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                await self._abort_web_socket()
+            await _handle_events(self)
+            if not await _receive(self):
                 break
-            if len(data) == 0:  # TCP closed (before the WebSocket, if not CLOSED: abnormal)
-                if self._wsproto.state != ConnectionState.CLOSED:
-                    await self._abort_web_socket()
-                break
-            if self._wsproto.state != ConnectionState.CLOSED:
-                try:
-                    self._wsproto.receive_data(data)
-                except wsproto.utilities.RemoteProtocolError as err:
-                    if err.event_hint:
-                        await self._send(err.event_hint)
-                    await self._close_stream()
 
+
+async def _handle_events(self: WebSocketConnection) -> None:
+    for event in self._wsproto.events():
+        name = _HANDLERS.get(type(event))
+        if name is None:
+            continue  # (trio-websocket logs a warning; wsproto has no other events)
+        try:
+            await getattr(self, name)(event)
+        except ConnectionClosed:
+            self._reader_running = False
+            return
+
+
+async def _receive(self: WebSocketConnection) -> bool:
+    """Feed wsproto the next bytes; False when the stream has ended."""
+    try:
+        data = await self._stream.receive_some(self._receive_buffer_size)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        await self._abort_web_socket()
+        return False
+    if len(data) == 0:  # TCP closed (before the WebSocket, if not CLOSED: abnormal)
+        if self._wsproto.state != ConnectionState.CLOSED:
+            await self._abort_web_socket()
+        return False
+    if self._wsproto.state != ConnectionState.CLOSED:
+        try:
+            self._wsproto.receive_data(data)
+        except wsproto.utilities.RemoteProtocolError as err:
+            if err.event_hint:
+                await self._send(err.event_hint)
+            await self._close_stream()
+    return True
 
 if not getattr(WebSocketConnection, "_signaling_trio_fix", False):
     WebSocketConnection._handle_close_connection_event = _handle_close_connection_event  # type: ignore[method-assign]

@@ -100,7 +100,9 @@ class HttpApi:
             body["ttl_sec"] = ttl_sec
         return (await self._post("/extend-room", body, id_token=id_token))["expires_at"]
 
-    async def delete_peers_and_room(self, peer_id: str, *, id_token: str | None = None, room_id: str | None = None) -> str:
+    async def delete_peers_and_room(
+        self, peer_id: str, *, id_token: str | None = None, room_id: str | None = None
+    ) -> str:
         body = {"peer_id": peer_id, **({"room_id": room_id} if room_id else {})}
         return (await self._post("/delete-peers-and-room", body, id_token=id_token))["status"]
 
@@ -156,7 +158,9 @@ class SignalingClient:
                 elif self._reply is not None:
                     await _put(self._reply, frame)
                 elif mtype == "error":
-                    await _put(self._errors_send, SignalingError(frame.get("code", "?"), frame.get("message", ""), frame))
+                    await _put(
+                        self._errors_send, SignalingError(frame.get("code", "?"), frame.get("message", ""), frame)
+                    )
         finally:
             self._incoming_send.close()
             self._errors_send.close()
@@ -242,7 +246,9 @@ class SignalingClient:
         return (await self._exchange({"type": "discover_peers", "filters": filters or {}}, expect="peer_list"))["peers"]
 
     async def update_metadata(self, metadata: dict[str, Any]) -> dict[str, Any]:
-        return (await self._exchange({"type": "update_metadata", "metadata": metadata}, expect="metadata_updated"))["metadata"]
+        return (await self._exchange({"type": "update_metadata", "metadata": metadata}, expect="metadata_updated"))[
+            "metadata"
+        ]
 
     async def subscribe(self, filters: dict[str, Any] | None = None) -> Subscription:
         """Start (or replace) this connection's subscription; a replaced one's iterator ends.

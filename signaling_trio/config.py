@@ -141,6 +141,13 @@ def from_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | No
 
 
 def validate(s: Settings) -> Settings:
+    """The settings, or ConfigError naming the first option that is wrong."""
+    _check_choices(s)
+    _check_numbers(s)
+    return s
+
+
+def _check_choices(s: Settings) -> None:
     for port_name in ("ws_port", "http_port"):
         port = getattr(s, port_name)
         if not 0 <= port <= 65535:
@@ -157,6 +164,9 @@ def validate(s: Settings) -> Settings:
         raise ConfigError(f"--log-format {s.log_format!r}: use text or json")
     if s.log_level.lower() not in ("debug", "info", "warning", "error", "critical"):
         raise ConfigError(f"--log-level {s.log_level!r}: use debug, info, warning or error")
+
+
+def _check_numbers(s: Settings) -> None:
     positive = ("room_ttl", "token_lifetime", "max_frame_bytes", "max_metadata_bytes", "max_room_peers",
                 "rate_burst", "register_timeout", "stalled_reader_timeout", "idle_ping_interval",
                 "idle_ping_timeout", "http_request_timeout")
@@ -166,13 +176,14 @@ def validate(s: Settings) -> Settings:
     if s.workers < 1:
         raise ConfigError("--workers must be 1 or more")
     if s.workers > 1 and not s.store.startswith("redis://"):
-        raise ConfigError("--workers above 1 needs --store redis://HOST:PORT/DB (the workers share rooms through Redis)")
+        raise ConfigError(
+            "--workers above 1 needs --store redis://HOST:PORT/DB (the workers share rooms through Redis)"
+        )
     if s.workers > 1 and 0 in (s.ws_port, s.http_port):
         raise ConfigError("--workers above 1 needs fixed ports (the workers share them)")
     for name in ("rate_limit", "http_rate_limit"):
         if getattr(s, name) < 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be 0 (off) or positive")
-    return s
 
 
 __all__ = ["ConfigError", "Settings", "build_parser", "env_name", "from_args", "validate"]

@@ -20,18 +20,21 @@ import trio
 from trio_websocket import WebSocketServer
 
 from ._accept import serve_listener
-from ._cluster import Cluster
-from ._http import create_app
+from ._actors import RoomSupervisor
+from ._http import HttpContext, create_app
 from ._httpguard import HttpGuard
 from ._httpserve import serve_http
 from ._log import DroppingQueueHandler, event
 from ._metrics import Metrics
 from ._oidc import OidcVerifier
 from ._prometheus import PrometheusExporter
-from ._rooms import RoomSupervisor
-from ._ws import Connection, handle_request, sweep_connections
+from ._register import Registrar
+from ._router import LocalRouter, RoomRouter
+from ._version import __version__
+from ._ws import LiveConnections, WsContext, handle_request, sweep_connections
 from ._wsfix import handle_connection
 from .auth import LocalAuthority, Verifier
+from .cluster import Cluster, RedisTransport
 from .config import ConfigError, Settings
 from .protocol import errors as E
 from .store import Store, StoreUnavailable, open_store
@@ -87,13 +90,13 @@ class SignalingServer:
         self.settings = settings
         self.metrics = Metrics()
         self.supervisor = RoomSupervisor(settings, self.metrics)
-        self.prometheus = PrometheusExporter(self)
-        self.connections: set[Connection] = set()
-        self.connections_drained = trio.Event()
+        # rooms in this process; a Cluster instead when the store is Redis (set in run)
+        self.router: RoomRouter = LocalRouter(self.supervisor)
+        self.prometheus = PrometheusExporter(self.metrics, self.router)
+        self.live = LiveConnections()
         self._store = store
         self.local_authority: LocalAuthority | None = None
         self.oidc: OidcVerifier | None = None
-        self.cluster: Cluster | None = None
         self.verifier: Verifier
         self.info: ServerInfo | None = None
         self.started_at = time.time()
@@ -103,6 +106,10 @@ class SignalingServer:
     def store(self) -> Store:
         assert self._store is not None
         return self._store
+
+    @property
+    def connections(self) -> set[Any]:
+        return self.live.all
 
     def shutdown(self) -> None:
         """Begin a graceful shutdown; `run` returns when it is done."""
@@ -128,15 +135,22 @@ class SignalingServer:
             self.oidc = OidcVerifier(s.oidc_issuer, audience=s.oidc_audience, jwks_url=s.oidc_jwks_url)
             self.verifier = self.oidc
 
+    def _setup_router(self) -> None:
+        if isinstance(self._store, RedisStore):
+            # one logical server with every other instance on this Redis
+            self.router = Cluster(RedisTransport(self._store.client), self.supervisor, self.metrics)
+            self.prometheus = PrometheusExporter(self.metrics, self.router)
+
     async def run(self, *, task_status: trio.TaskStatus[ServerInfo] = trio.TASK_STATUS_IGNORED) -> None:
         s = self.settings
         if self._store is None:
             self._store = open_store(s)
         async with self._store:  # e.g. Redis's connection pool lives as long as we run
             await self._setup_auth()
+            self._setup_router()
             await self._run(task_status)
 
-    async def _run(self, task_status: trio.TaskStatus[ServerInfo]) -> None:
+    def _bind_both(self) -> tuple[socket.socket, socket.socket]:
         s = self.settings
         ws_sock = _bind(s.host, s.ws_port, "--ws-port", reuse_port=s.reuse_port)
         try:
@@ -145,69 +159,25 @@ class SignalingServer:
             ws_sock.close()
             raise
         self.info = ServerInfo(s.host, ws_sock.getsockname()[1], http_sock.getsockname()[1])
-        try:
-            await self.store.check()
-        except Exception as exc:
-            ws_sock.close()
-            http_sock.close()
-            raise ConfigError(str(exc) if isinstance(exc, StoreUnavailable) else f"store {s.store}: {exc}") from None
+        return ws_sock, http_sock
 
+    async def _run(self, task_status: trio.TaskStatus[ServerInfo]) -> None:
+        s = self.settings
+        ws_sock, http_sock = self._bind_both()
         try:
+            try:
+                await self.store.check()
+            except Exception as exc:
+                raise ConfigError(
+                    str(exc) if isinstance(exc, StoreUnavailable) else f"store {s.store}: {exc}"
+                ) from None
             async with trio.open_nursery() as root:
-                await root.start(self.supervisor.run)
-                if isinstance(self._store, RedisStore):
-                    # one logical server with every other instance on this Redis
-                    self.cluster = Cluster(self, self._store.client)
-                    await root.start(self.cluster.run)
+                await root.start(self.router.run)
                 if self.oidc is not None:
                     await root.start(self.oidc.run)
                 root.start_soon(self._purge_loop)
-                root.start_soon(sweep_connections, self)  # every connection's timers
-                async with trio.open_nursery() as listeners:
-                    ws_listener = trio.SocketListener(trio.socket.from_stdlib_socket(ws_sock))
-                    ws_server = WebSocketServer(
-                        partial(handle_request, self),
-                        [ws_listener],  # accepted by serve_listener, not ws_server.run
-                        handler_nursery=root,
-                        # a few frames of read-ahead per connection: fewer task switches
-                        # between trio-websocket's reader and ours under load
-                        message_queue_size=8,
-                        max_message_size=max(HARD_MAX_FRAME, s.max_frame_bytes),
-                        connect_timeout=10,
-                        disconnect_timeout=2,
-                    )
-                    ws_scope = trio.CancelScope()
-
-                    async def run_ws(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-                        with ws_scope:
-                            await serve_listener(ws_listener, partial(handle_connection, ws_server), handler_nursery=root,
-                                                 what="ws", on_crash=self._connection_crashed,
-                                                 task_status=task_status)
-
-                    await listeners.start(run_ws)
-                    http_stop = trio.Event()
-                    await listeners.start(partial(
-                        serve_http, self._http_app(), trio.socket.from_stdlib_socket(http_sock),
-                        stop=http_stop, on_crash=self._connection_crashed,
-                    ))
-                    event(logging.INFO, "listening", ws=self.info.ws_url, http=self.info.http_url,
-                          store=s.store_kind, auth=s.auth, version=_version())
-                    task_status.started(self.info)
-                    await self._shutdown.wait()
-                    event(logging.INFO, "shutting down", connections=len(self.connections))
-                    # Stop accepting, then tell every client we are going away (1001).
-                    ws_scope.cancel()
-                    http_stop.set()
-                    with trio.move_on_after(s.shutdown_timeout / 2):
-                        if self.connections:
-                            self.connections_drained = trio.Event()
-                            for conn in list(self.connections):
-                                conn.request_close(E.CLOSE_GOING_AWAY, "server shutting down")
-                            await self.connections_drained.wait()
-                    if self.cluster is not None:
-                        await self.cluster.leave_cluster()
-                    # hypercorn drains within its graceful_timeout; never wait longer.
-                    listeners.cancel_scope.deadline = trio.current_time() + 1.5
+                root.start_soon(sweep_connections, self.live, s)  # every connection's timers
+                await self._serve(root, ws_sock, http_sock, task_status)
                 root.cancel_scope.cancel()
         finally:
             for sock in (ws_sock, http_sock):
@@ -217,10 +187,66 @@ class SignalingServer:
                     pass
             event(logging.INFO, "stopped")
 
+    async def _serve(self, root: trio.Nursery, ws_sock: socket.socket, http_sock: socket.socket,
+                     task_status: trio.TaskStatus[ServerInfo]) -> None:
+        """Both ports until shutdown; then the graceful part of it."""
+        s = self.settings
+        assert self.info is not None
+        async with trio.open_nursery() as listeners:
+            ws_listener = trio.SocketListener(trio.socket.from_stdlib_socket(ws_sock))
+            ws_server = WebSocketServer(
+                partial(handle_request, self._ws_context()),
+                [ws_listener],  # accepted by serve_listener, not ws_server.run
+                handler_nursery=root,
+                # a few frames of read-ahead per connection: fewer task switches
+                # between trio-websocket's reader and ours under load
+                message_queue_size=8,
+                max_message_size=max(HARD_MAX_FRAME, s.max_frame_bytes),
+                connect_timeout=10,
+                disconnect_timeout=2,
+            )
+            ws_scope = trio.CancelScope()
+
+            async def run_ws(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+                with ws_scope:
+                    await serve_listener(ws_listener, partial(handle_connection, ws_server), handler_nursery=root,
+                                         what="ws", on_crash=self._connection_crashed, task_status=task_status)
+
+            await listeners.start(run_ws)
+            http_stop = trio.Event()
+            await listeners.start(partial(
+                serve_http, self._http_app(), trio.socket.from_stdlib_socket(http_sock),
+                stop=http_stop, on_crash=self._connection_crashed,
+            ))
+            event(logging.INFO, "listening", ws=self.info.ws_url, http=self.info.http_url,
+                  store=s.store_kind, auth=s.auth, version=__version__)
+            task_status.started(self.info)
+            await self._shutdown.wait()
+            event(logging.INFO, "shutting down", connections=len(self.live))
+            # Stop accepting, then tell every client we are going away (1001).
+            ws_scope.cancel()
+            http_stop.set()
+            with trio.move_on_after(s.shutdown_timeout / 2):
+                await self.live.close_all(E.CLOSE_GOING_AWAY, "server shutting down")
+            await self.router.stop()
+            # hypercorn drains within its graceful_timeout; never wait longer.
+            listeners.cancel_scope.deadline = trio.current_time() + 1.5
+
+    def _ws_context(self) -> WsContext:
+        return WsContext(self.settings, self.metrics, Registrar(self.verifier, self.store, self.router), self.live,
+                         self.prometheus.register_seconds.observe)
+
     def _http_app(self) -> HttpGuard:
         s = self.settings
-        return HttpGuard(create_app(self), rate_limit=s.http_rate_limit, body_timeout=s.http_request_timeout,
+        oidc = self.oidc
+        ctx = HttpContext(s, self.store, self.verifier, lambda: self.local_authority,
+                          (lambda: oidc.ready) if oidc is not None else None, self.router, self.metrics_json,
+                          self.prometheus, self._count_room_created)
+        return HttpGuard(create_app(ctx), rate_limit=s.http_rate_limit, body_timeout=s.http_request_timeout,
                          ws_port=lambda: self.info.ws_port if self.info else None)
+
+    def _count_room_created(self) -> None:
+        self.metrics.rooms_created += 1
 
     def _connection_crashed(self) -> None:
         self.metrics.connection_crashes += 1
@@ -255,23 +281,7 @@ class SignalingServer:
             "connection_crashes": m.connection_crashes,
             "log_lines_dropped": DroppingQueueHandler.dropped,
             "uptime_sec": round(time.time() - self.started_at, 3),
-        } | self._cluster_json()
-
-    def _cluster_json(self) -> dict[str, Any]:
-        """With Redis: this instance's id, its traffic with the others, and the whole
-        cluster's rooms and peers (summed every few seconds from every instance)."""
-        if self.cluster is None:
-            return {}
-        m = self.metrics
-        return {"instance": self.cluster.id, "cluster": dict(self.cluster.view),
-                "cluster_items_sent": m.cluster_sent, "cluster_items_received": m.cluster_received,
-                "cluster_items_dropped": m.cluster_drops, "cluster_items_duplicate": m.cluster_duplicates}
-
-
-def _version() -> str:
-    from . import __version__
-
-    return __version__
+        } | self.router.json_fields()
 
 
 async def serve(settings: Settings, *, task_status: trio.TaskStatus[ServerInfo] = trio.TASK_STATUS_IGNORED) -> None:

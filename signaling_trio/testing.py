@@ -60,7 +60,9 @@ class TestServer:
 
         return await trio.to_thread.run_sync(call)
 
-    async def http_raw(self, method: str, path: str, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+    async def http_raw(
+        self, method: str, path: str, headers: dict[str, str] | None = None
+    ) -> tuple[int, dict[str, str], bytes]:
         """(status, headers with lower-case names, body bytes), for non-JSON answers."""
 
         def call() -> tuple[int, dict[str, str], bytes]:

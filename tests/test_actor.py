@@ -10,7 +10,7 @@ import trio
 import trio.testing
 
 from signaling_trio._metrics import Metrics
-from signaling_trio._rooms import Leave, Message, Register, RoomSupervisor
+from signaling_trio._actors import Leave, Message, Register, RoomSupervisor
 from signaling_trio.config import Settings
 
 

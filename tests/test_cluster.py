@@ -42,9 +42,19 @@ async def test_discovery_messages_and_signals_cross_instances(redis):
         async with ws_peer(a.ws_url) as owner, ws_peer(b.ws_url) as worker, ws_peer(c.ws_url) as client:
             assert (await register(owner, room, "owner", role="watcher"))["type"] == "registered_auth"
             assert (await owner.request({"type": "subscribe", "filters": {"role": "worker"}}))["type"] == "subscribed"
-            reg = await register(worker, room, "w1", role="worker",
-                                 metadata={"tags": ["gpu"], "properties": {"gpu_memory_mb": 24000, "status": "available"}})
-            assert reg == {"type": "registered_auth", "room_id": room["room_id"], "token": room["token"], "peer_id": "w1"}
+            reg = await register(
+                worker,
+                room,
+                "w1",
+                role="worker",
+                metadata={"tags": ["gpu"], "properties": {"gpu_memory_mb": 24000, "status": "available"}},
+            )
+            assert reg == {
+                "type": "registered_auth",
+                "room_id": room["room_id"],
+                "token": room["token"],
+                "peer_id": "w1",
+            }
             joined = await owner.recv_type("peer_joined")
             assert joined["peer"]["peer_id"] == "w1"
             assert (await register(client, room, "c1", role="client"))["type"] == "registered_auth"
@@ -75,7 +85,9 @@ async def test_discovery_messages_and_signals_cross_instances(redis):
             assert (await worker.recv_type("candidate"))["candidate"] == {"candidate": "c"}
 
             # identity stays bound to the connection across instances
-            err = await client.request({"type": "peer_message", "from_peer_id": "w1", "to_peer_id": "owner", "payload": 1})
+            err = await client.request(
+                {"type": "peer_message", "from_peer_id": "w1", "to_peer_id": "owner", "payload": 1}
+            )
             assert err["type"] == "error" and err["code"] == "SENDER_MISMATCH"
 
         # everyone left (on three instances): a newcomer finds nobody (discovery never
@@ -138,8 +150,16 @@ async def test_http_and_cluster_metrics_cross_instances(redis):
 
             async def summed() -> bool:
                 views = [(await s.http("GET", "/metrics"))[1] for s in (a, b, c)]
-                return all(v["cluster"]["active_connections"] == 3 and v["cluster"]["peers_by_role"] == {"worker": 2, "client": 1}
-                           and v["cluster"]["instances"] == 3 and v["cluster"]["active_rooms"] == 1 for v in views) and views
+                return (
+                    all(
+                        v["cluster"]["active_connections"] == 3
+                        and v["cluster"]["peers_by_role"] == {"worker": 2, "client": 1}
+                        and v["cluster"]["instances"] == 3
+                        and v["cluster"]["active_rooms"] == 1
+                        for v in views
+                    )
+                    and views
+                )
 
             views = await eventually(summed)
             assert sum(v["active_rooms"] for v in views) == 1  # one owner
@@ -232,13 +252,17 @@ async def test_sigkilled_owner_its_room_moves_and_its_peers_vanish(redis):
         async with ws_peer(a.ws_url) as wa, ws_peer(b.ws_url) as cb, ws_peer(c.ws_url) as wc, ws_peer(c.ws_url) as cc:
             assert (await register(wa, room, "wa", role="worker"))["type"] == "registered_auth"  # A owns the room
             assert (await register(cb, room, "cb", role="client"))["type"] == "registered_auth"
-            assert (await register(wc, room, "wc", role="worker", metadata={"properties": {"status": "available"}}))["type"] == "registered_auth"
+            assert (await register(wc, room, "wc", role="worker", metadata={"properties": {"status": "available"}}))[
+                "type"
+            ] == "registered_auth"
             assert (await register(cc, room, "cc", role="client"))["type"] == "registered_auth"
             assert not b.server.supervisor.rooms and not c.server.supervisor.rooms  # A owns it
             # cb watches the workers and holds wc: state that lives in the owner's actor
             subscribed = await cb.request({"type": "subscribe", "filters": {"role": "worker"}})
             assert sorted(p["peer_id"] for p in subscribed["peers"]) == ["wa", "wc"]
-            assert (await cb.request({"type": "reserve_peer", "to_peer_id": "wc", "duration_sec": 300}))["type"] == "reservation_granted"
+            assert (await cb.request({"type": "reserve_peer", "to_peer_id": "wc", "duration_sec": 300}))[
+                "type"
+            ] == "reservation_granted"
             assert (await wc.recv_type("peer_reserved"))["by"] == "cb"
             assert (await cb.recv_type("peer_updated"))["peer"]["reserved_by"] == "cb"  # its own subscription
             assert await discover_ids(cc) == ["cb", "wa", "wc"]
@@ -272,7 +296,9 @@ async def test_sigkilled_owner_its_room_moves_and_its_peers_vanish(redis):
                     assert event["peer"]["peer_id"] == "wc"
             # and keeps working: wc's next update reaches cb's subscription
             await wc.request({"type": "update_metadata", "metadata": {"properties": {"status": "busy"}}})
-            while (event := await cb.recv())["type"] != "peer_updated" or event["peer"]["metadata"]["properties"]["status"] != "busy":
+            while (event := await cb.recv())["type"] != "peer_updated" or event["peer"]["metadata"]["properties"][
+                "status"
+            ] != "busy":
                 assert event["type"] == "peer_updated", event
             # messages across the survivors, and cb releases what it held
             await cb.send({"type": "peer_message", "from_peer_id": "cb", "to_peer_id": "wc", "payload": "after"})
@@ -373,7 +399,9 @@ async def test_workers_share_the_ports_and_the_rooms(redis):
             assert all(n > 0 for n in by_instance.values())  # the kernel used both workers
             # every peer reaches the next one, whichever worker each is on
             for i, p in enumerate(peers):
-                await p.send({"type": "peer_message", "from_peer_id": f"p{i}", "to_peer_id": f"p{(i + 1) % 16}", "payload": i})
+                await p.send(
+                    {"type": "peer_message", "from_peer_id": f"p{i}", "to_peer_id": f"p{(i + 1) % 16}", "payload": i}
+                )
             for i, p in enumerate(peers):
                 got = await p.recv_type("peer_message")
                 assert got["payload"] == (i - 1) % 16
@@ -402,7 +430,7 @@ async def test_an_owner_that_loses_its_lease_hands_the_room_over(redis):
     silently and moves its peers, their subscription and reservation with them."""
     import coredis
 
-    from signaling_trio._cluster import lease_key
+    from signaling_trio.cluster.transport import lease_key
 
     async with instances(redis.url, n=2) as (a, b):
         room = await a.new_room()
@@ -412,11 +440,13 @@ async def test_an_owner_that_loses_its_lease_hands_the_room_over(redis):
             await register(other, room, "other", role="client")
             assert room["room_id"] in a.server.supervisor.rooms
             await holder.request({"type": "subscribe", "filters": {"role": "worker"}})
-            assert (await holder.request({"type": "reserve_peer", "to_peer_id": "worker", "duration_sec": 300}))["type"] == "reservation_granted"
+            assert (await holder.request({"type": "reserve_peer", "to_peer_id": "worker", "duration_sec": 300}))[
+                "type"
+            ] == "reservation_granted"
             assert (await worker.recv_type("peer_reserved"))["by"] == "holder"
             await trio.sleep(0.3)  # facts saved
             async with coredis.Redis(host="127.0.0.1", port=redis.port, decode_responses=True) as r:
-                await r.set(lease_key(room["room_id"]), b.server.cluster.id, px=3000)
+                await r.set(lease_key(room["room_id"]), b.server.router.id, px=3000)
 
             async def moved() -> bool:
                 return room["room_id"] in b.server.supervisor.rooms and room["room_id"] not in a.server.supervisor.rooms
@@ -458,12 +488,23 @@ async def test_churn_across_three_instances_leaves_a_consistent_room(redis):
             srv = servers[rng.randrange(3)]
             pid = f"p{n}"
             async with ws_peer(srv.ws_url) as p:
-                assert (await register(p, room, pid, role=rng.choice(["worker", "client"])))["type"] == "registered_auth"
+                assert (await register(p, room, pid, role=rng.choice(["worker", "client"])))[
+                    "type"
+                ] == "registered_auth"
                 for _ in range(rng.randrange(1, 6)):
                     step = rng.random()
                     if step < 0.3:
-                        await p.send({"type": "register", "peer_id": pid, "room_id": room["room_id"], "token": room["token"],
-                                      "id_token": room["id_token"], "role": "worker", "metadata": {"properties": {"n": n}}})
+                        await p.send(
+                            {
+                                "type": "register",
+                                "peer_id": pid,
+                                "room_id": room["room_id"],
+                                "token": room["token"],
+                                "id_token": room["id_token"],
+                                "role": "worker",
+                                "metadata": {"properties": {"n": n}},
+                            }
+                        )
                         await answer(p, "registered_auth")
                     elif step < 0.6:
                         await p.send({"type": "peer_message", "to_peer_id": f"p{rng.randrange(40)}", "payload": n})
@@ -544,7 +585,9 @@ async def keep_asking(peer: Any, name: str, stop_at: float, log: list[tuple[str,
         await trio.sleep(0.02)  # within the per-connection rate limit
 
 
-async def ask_through(fault: Any, askers: dict[str, Any], before: float = 1.0, after: float = 10.0) -> list[tuple[str, float]]:
+async def ask_through(
+    fault: Any, askers: dict[str, Any], before: float = 1.0, after: float = 10.0
+) -> list[tuple[str, float]]:
     """Every asker keeps a request in flight while `fault()` runs; returns (asker,
     seconds to the answer) for every request; then checks that no late second answer
     arrives."""
@@ -635,7 +678,7 @@ async def test_requests_in_flight_through_a_graceful_stop_are_all_answered(redis
 async def test_requests_in_flight_through_a_lost_lease_are_all_answered(redis):
     import coredis
 
-    from signaling_trio._cluster import lease_key
+    from signaling_trio.cluster.transport import lease_key
 
     async with instances(redis.url, n=2) as (a, b):
         room = await a.new_room()
@@ -646,7 +689,7 @@ async def test_requests_in_flight_through_a_lost_lease_are_all_answered(redis):
 
             async def steal() -> None:
                 async with coredis.Redis(host="127.0.0.1", port=redis.port, decode_responses=True) as r:
-                    await r.set(lease_key(room["room_id"]), b.server.cluster.id, px=3000)
+                    await r.set(lease_key(room["room_id"]), b.server.router.id, px=3000)
 
             log = await ask_through(steal, {"p1": p1, "p2": p2, "p3": p3}, after=5.0)
             assert room["room_id"] in b.server.supervisor.rooms

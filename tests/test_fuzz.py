@@ -12,10 +12,36 @@ from signaling_trio.protocol import errors as E
 from signaling_trio.protocol.messages import KNOWN_TYPES, decode
 from signaling_trio.protocol.room import RoomState
 
-json_scalars = st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=8)
-json_values = st.recursive(json_scalars, lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=6), c, max_size=4), max_leaves=25)
-field_names = st.sampled_from(["type", "peer_id", "from_peer_id", "to_peer_id", "target", "sender", "payload", "metadata",
-                               "filters", "duration_sec", "role", "tags", "properties", "room_id", "token", "id_token"])
+json_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=8)
+)
+json_values = st.recursive(
+    json_scalars, lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=6), c, max_size=4), max_leaves=25
+)
+field_names = st.sampled_from(
+    [
+        "type",
+        "peer_id",
+        "from_peer_id",
+        "to_peer_id",
+        "target",
+        "sender",
+        "payload",
+        "metadata",
+        "filters",
+        "duration_sec",
+        "role",
+        "tags",
+        "properties",
+        "room_id",
+        "token",
+        "id_token",
+    ]
+)
 messages = st.fixed_dictionaries(
     {"type": st.sampled_from(sorted(KNOWN_TYPES) + ["bogus", ""]) | st.text(max_size=5)},
     optional={
@@ -26,10 +52,26 @@ messages = st.fixed_dictionaries(
         "peer_id": st.sampled_from(["a", "b"]) | json_values,
         "payload": json_values,
         "metadata": json_values | st.fixed_dictionaries({}, optional={"tags": json_values, "properties": json_values}),
-        "filters": json_values | st.fixed_dictionaries({}, optional={
-            "role": json_values, "tags": json_values, "tags_all": json_values, "unreserved": json_values,
-            "properties": st.dictionaries(st.text(max_size=3), json_values | st.dictionaries(
-                st.sampled_from(["$eq", "$ne", "$gt", "$gte", "$lt", "$lte", "$in", "$nin", "$exists", "$x"]), json_values, max_size=2), max_size=2)}),
+        "filters": json_values
+        | st.fixed_dictionaries(
+            {},
+            optional={
+                "role": json_values,
+                "tags": json_values,
+                "tags_all": json_values,
+                "unreserved": json_values,
+                "properties": st.dictionaries(
+                    st.text(max_size=3),
+                    json_values
+                    | st.dictionaries(
+                        st.sampled_from(["$eq", "$ne", "$gt", "$gte", "$lt", "$lte", "$in", "$nin", "$exists", "$x"]),
+                        json_values,
+                        max_size=2,
+                    ),
+                    max_size=2,
+                ),
+            },
+        ),
         "duration_sec": json_values | st.integers(-5, 4000),
     },
 ).map(lambda m: m) | st.dictionaries(field_names, json_values, max_size=6)
@@ -51,7 +93,7 @@ def test_decode_gives_a_dict_or_a_protocol_error(text):
 def test_room_survives_any_message(batch):
     room = RoomState("r", max_metadata_bytes=2048)
     for conn in ("a", "b", "c"):
-        room.register(conn, peer_id=conn, sub=conn, role="worker", metadata={"tags": ["t"]}, token="t", now=0.0)
+        room.register(conn, peer_id=conn, subject=conn, role="worker", metadata={"tags": ["t"]}, token="t", now=0.0)
     now = 0.0
     for conn, msg in batch:
         now += 1.0

@@ -30,7 +30,7 @@ class Room:
         return fx
 
     def reg(self, conn, peer_id=None, sub=None, role="peer", metadata=None, announce=True):
-        return self._take(self.state.register(conn, peer_id=peer_id or conn, sub=sub or conn, role=role,
+        return self._take(self.state.register(conn, peer_id=peer_id or conn, subject=sub or conn, role=role,
                                               metadata=metadata or {}, token="t", now=self.now, announce=announce))
 
     def send(self, conn, msg):
@@ -66,7 +66,12 @@ def test_register_and_discover(room):
     room.send("c", {"type": "discover_peers", "filters": {"role": "worker"}})
     reply = room.last("c")
     assert reply["type"] == "peer_list" and reply["count"] == 1 and reply["to_peer_id"] == "c"
-    assert reply["peers"][0] == {"peer_id": "w", "role": "worker", "metadata": {"tags": ["gpu"]}, "connected_at": 1_000_000.0}
+    assert reply["peers"][0] == {
+        "peer_id": "w",
+        "role": "worker",
+        "metadata": {"tags": ["gpu"]},
+        "connected_at": 1_000_000.0,
+    }
 
 
 def test_not_in_room(room):
@@ -312,10 +317,10 @@ def test_invariants_hold_under_any_sequence(ops):
             if p.subscription is not None:
                 assert s.subscribers[p.peer_id] is p
                 truth = {q.peer_id for q in s.peers.values() if q is not p and p.subscription.matches(q)}
-                assert p.sub_matches == truth
+                assert p.known == truth
         assert set(s.deadlines) == {p.peer_id for p in s.peers.values() if p.reserved_by is not None}
         # indexes and cached answers always agree with a plain scan, in join order
-        for role, members in s._by_role.items():
+        for role, members in s.index.by_role.items():
             assert set(members) == {q.peer_id for q in s.peers.values() if q.role == role}
         for f in QUERIES:
             flt, found = s.query(f)
@@ -333,7 +338,7 @@ QUERIES = [
 
 
 # ------------------------------------------------------- a room moving instances
-def test_facts_carry_subscriptions_and_reservations_to_the_next_room():
+def test_the_handover_carries_subscriptions_and_reservations_to_the_next_room():
     old = Room()
     old.reg("c", role="client")
     old.reg("w1", role="worker")
@@ -341,14 +346,14 @@ def test_facts_carry_subscriptions_and_reservations_to_the_next_room():
     old.send("c", {"type": "subscribe", "filters": {"role": "worker"}})
     old.send("c", {"type": "reserve_peer", "to_peer_id": "w1", "duration_sec": 100})
     granted = [m for m in old.pop("c") if m["type"] == "reservation_granted"][0]
-    facts = json.loads(json.dumps(old.state.facts()))  # plain JSON, as saved in Redis
+    facts = json.loads(json.dumps(old.state.handover()))  # plain JSON, as saved in Redis
     assert facts == {"subs": {"c": {"f": {"role": "worker"}, "m": ["w1", "w2"]}},
                      "res": {"w1": ["c", granted["reserved_until"]]}}
 
     # the next instance: w1 and c come back (restores), w2 died with the old instance
     new = Room()
     new.now = 10.0
-    new._take(new.state.carry(facts, new.now, window=5.0))
+    new._take(new.state.take_over(facts, new.now, window=5.0))
     new.reg("w1", role="worker", announce=False)
     new.reg("c", role="client", announce=False)
     # restored peers are told nothing (no registered_auth, no subscribed, no peer_reserved);
@@ -373,19 +378,19 @@ def test_facts_carry_subscriptions_and_reservations_to_the_next_room():
     assert new.state.peers["w1"].reserved_by is None
 
 
-def test_carried_facts_apply_only_to_restored_peers():
+def test_a_handover_applies_only_to_restored_peers():
     old = Room()
     old.reg("c", role="client")
     old.reg("w", role="worker")
     old.send("c", {"type": "subscribe", "filters": {}})
     old.send("c", {"type": "reserve_peer", "to_peer_id": "w", "duration_sec": 100})
-    facts = old.state.facts()
+    facts = old.state.handover()
     new = Room()
-    new._take(new.state.carry(facts, 0.0, window=5.0))
+    new._take(new.state.take_over(facts, 0.0, window=5.0))
     new.reg("c", role="client")  # a fresh register (say, a new client reusing the id)
     new.reg("w", role="worker")
     assert new.state.subscribers == {} and new.state.peers["w"].reserved_by is None
-    assert new.state.carry(["not", "facts"], 0.0, window=5.0).sends == []  # junk is ignored
+    assert new.state.take_over(["not", "facts"], 0.0, window=5.0).sends == []  # junk is ignored
 
 
 def test_a_cached_discovery_answer_follows_every_change(room):

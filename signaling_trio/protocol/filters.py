@@ -16,6 +16,7 @@ Semantics (docs/API.md "Filters"):
 
 from __future__ import annotations
 
+import operator
 from typing import Any, Callable, Protocol
 
 from . import errors as E
@@ -66,24 +67,17 @@ def _orderable(a: Any, b: Any) -> bool:
 Pred = Callable[[Any], bool]  # takes the property value or _MISSING
 
 
-def _op(name: str, operand: Any) -> Pred:
-    if name == "$eq":
-        return lambda v: v is not _MISSING and json_equal(v, operand)
-    if name == "$ne":
-        return lambda v: v is _MISSING or not json_equal(v, operand)
-    if name in ("$gt", "$gte", "$lt", "$lte"):
+def _compare(name: str, test: Callable[[Any, Any], bool]) -> Callable[[Any], Pred]:
+    def build(operand: Any) -> Pred:
         if _kind(operand) not in ("num", "str"):
-            raise E.ProtocolError(
-                E.INVALID_MESSAGE, f"operator {name} needs a number or a string operand"
-            )
-        if name == "$gt":
-            return lambda v: v is not _MISSING and _orderable(v, operand) and v > operand
-        if name == "$gte":
-            return lambda v: v is not _MISSING and _orderable(v, operand) and v >= operand
-        if name == "$lt":
-            return lambda v: v is not _MISSING and _orderable(v, operand) and v < operand
-        return lambda v: v is not _MISSING and _orderable(v, operand) and v <= operand
-    if name in ("$in", "$nin"):
+            raise E.ProtocolError(E.INVALID_MESSAGE, f"operator {name} needs a number or a string operand")
+        return lambda v: v is not _MISSING and _orderable(v, operand) and test(v, operand)
+
+    return build
+
+
+def _membership(name: str, inside: bool) -> Callable[[Any], Pred]:
+    def build(operand: Any) -> Pred:
         if not isinstance(operand, list):
             raise E.ProtocolError(E.INVALID_MESSAGE, f"operator {name} needs a list operand")
         items = list(operand)
@@ -91,16 +85,38 @@ def _op(name: str, operand: Any) -> Pred:
         def is_in(v: Any) -> bool:
             return v is not _MISSING and any(json_equal(v, x) for x in items)
 
-        if name == "$in":
-            return is_in
-        return lambda v: not is_in(v)
-    if name == "$exists":
-        if not isinstance(operand, bool):
-            raise E.ProtocolError(E.INVALID_MESSAGE, "operator $exists needs true or false")
-        if operand:
-            return lambda v: v is not _MISSING
-        return lambda v: v is _MISSING
-    raise E.ProtocolError(E.INVALID_MESSAGE, f"unknown filter operator {name!r}")
+        return is_in if inside else (lambda v: not is_in(v))
+
+    return build
+
+
+def _exists(operand: Any) -> Pred:
+    if not isinstance(operand, bool):
+        raise E.ProtocolError(E.INVALID_MESSAGE, "operator $exists needs true or false")
+    if operand:
+        return lambda v: v is not _MISSING
+    return lambda v: v is _MISSING
+
+
+# operator -> its predicate's builder (which checks the operand)
+_OPS: dict[str, Callable[[Any], Pred]] = {
+    "$eq": lambda operand: lambda v: v is not _MISSING and json_equal(v, operand),
+    "$ne": lambda operand: lambda v: v is _MISSING or not json_equal(v, operand),
+    "$gt": _compare("$gt", operator.gt),
+    "$gte": _compare("$gte", operator.ge),
+    "$lt": _compare("$lt", operator.lt),
+    "$lte": _compare("$lte", operator.le),
+    "$in": _membership("$in", True),
+    "$nin": _membership("$nin", False),
+    "$exists": _exists,
+}
+
+
+def _op(name: str, operand: Any) -> Pred:
+    build = _OPS.get(name)
+    if build is None:
+        raise E.ProtocolError(E.INVALID_MESSAGE, f"unknown filter operator {name!r}")
+    return build(operand)
 
 
 def _property_pred(key: str, spec: Any) -> Callable[[dict[str, Any]], bool]:

@@ -5,123 +5,27 @@ rule for every message type once a connection is in the room.
 Never touches: sockets, trio, the store, the clock (time comes in as `now`, trio's
 monotonic clock; `wall_offset` turns it into Unix seconds for the wire).
 
-Every entry point returns `Effects`: frames to send to connections and connections to
-close. Connections are opaque hashable keys; the actor in `signaling_trio._rooms` maps
-them to real outboxes. Nothing here awaits, so a membership change is never interrupted.
+Every entry point returns `Effects` (protocol/peer.py): frames to send to connections
+and connections to close. Connections are opaque hashable keys; the room's actor
+(`signaling_trio._actors`) maps them to real outboxes. Nothing here awaits, so a
+membership change is never interrupted. Beside it: `discovery.py` (the indexes that
+answer filters) and `handover.py` (what the room hands over when it moves).
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from operator import attrgetter
-from typing import Any, Hashable
-
-import orjson
+from typing import Any
 
 from . import errors as E
 from . import metadata as md
-from .filters import Filter, index_key
+from .discovery import Discovery, by_join_order
+from .filters import Filter
+from .handover import PendingHandover, Reservation, Subscription, snapshot
 from .messages import dumps
-
-Conn = Hashable
-_NONE: frozenset[Any] = frozenset()  # the empty set every peer starts with, shared
-MAX_TAG_SETS = 1024
-
-
-class Peer:
-    __slots__ = (
-        "peer_id", "conn", "sub", "role", "metadata", "tags", "properties",
-        "connected_at", "reserved_by", "reserved_until", "reserve_deadline",
-        "holding", "subscription", "sub_filters", "sub_matches", "_public_json", "seq",
-    )
-
-    def __init__(self, peer_id: str, conn: Conn, sub: str, connected_at: float) -> None:
-        self.peer_id = peer_id
-        self.conn = conn
-        self.sub = sub
-        self.role = "peer"
-        self.metadata: dict[str, Any] = {}
-        self.tags: frozenset[Any] = _NONE
-        self.properties: dict[str, Any] = {}
-        self.connected_at = connected_at
-        self.reserved_by: str | None = None
-        self.reserved_until: float | None = None
-        self.reserve_deadline: float | None = None
-        # the two sets start as one shared empty frozenset (most peers never hold a
-        # reservation or subscribe; an empty set is 216 bytes) and become sets when used
-        self.holding: set[str] | frozenset[str] = _NONE
-        self.subscription: Filter | None = None
-        self.sub_filters: Any = None  # as the peer sent them (carried when the room moves)
-        self.sub_matches: set[str] | frozenset[str] = _NONE
-        self._public_json: str | None = None
-        self.seq = 0
-
-    def set_profile(self, role: str, metadata: dict[str, Any], tags: frozenset[Any]) -> None:
-        self.role = role
-        self.metadata = metadata
-        self.tags = tags
-        props = metadata.get("properties")
-        self.properties = props if isinstance(props, dict) else {}
-        self._public_json = None
-
-    def public(self) -> dict[str, Any]:
-        view: dict[str, Any] = {
-            "peer_id": self.peer_id,
-            "role": self.role,
-            "metadata": self.metadata,
-            "connected_at": self.connected_at,
-        }
-        if self.reserved_by is not None:
-            view["reserved_by"] = self.reserved_by
-            view["reserved_until"] = self.reserved_until
-        return view
-
-    @property
-    def public_json(self) -> str:
-        # Kept ready-made: discovery in a big room joins these strings, it does not
-        # re-encode every peer on every request.
-        if self._public_json is None:
-            self._public_json = dumps(self.public())
-        return self._public_json
-
-    def touch(self) -> None:
-        self._public_json = None
-
-
-class Effects:
-    __slots__ = ("sends", "closes", "routed", "dropped", "errors")
-
-    def __init__(self) -> None:
-        self.sends: list[tuple[Conn, str]] = []
-        self.closes: list[tuple[Conn, int, str]] = []
-        self.routed = 0
-        self.dropped = 0
-        self.errors: list[tuple[Conn, str]] = []
-
-    def send(self, conn: Conn, msg: dict[str, Any] | str) -> None:
-        self.sends.append((conn, msg if isinstance(msg, str) else dumps(msg)))
-
-    def error(self, conn: Conn, exc: E.ProtocolError) -> None:
-        self.errors.append((conn, exc.code))
-        self.send(conn, exc.to_message())
-
-
-def _event(kind: str, peer: Peer) -> str:
-    return '{"type":"%s","peer":%s}' % (kind, peer.public_json)
-
-
-def _peer_list(type_: str, head: dict[str, Any], peers: Any) -> str:
-    # {"type":..., <head fields>, "peers":[...], "count":N} built from ready-made parts
-    parts = dumps({"type": type_, **head})[:-1]
-    items = [p.public_json for p in peers]
-    return f'{parts},"peers":[{",".join(items)}],"count":{len(items)}}}'
-
+from .peer import EMPTY, Conn, Effects, Peer, event_json, peer_list_json
 
 MIN_RESERVATION = 1
 MAX_RESERVATION = 3600
-MAX_INDEXED_KEYS = 16
-MAX_CACHED_QUERIES = 64
-_by_seq = attrgetter("seq")
 
 
 class RoomState:
@@ -143,20 +47,16 @@ class RoomState:
         self.by_conn: dict[Conn, Peer] = {}
         self.subscribers: dict[str, Peer] = {}
         self.deadlines: dict[str, float] = {}  # reserved target -> trio deadline
-        # Discovery: peers by role, and by property value for the keys filters have
-        # asked about (built on first use, kept up to date after); and the answers to
-        # recent filters, valid while `version` (bumped on every visible change) holds.
-        self.version = 0
-        self._seq = 0
-        self._tag_sets: dict[frozenset[Any], frozenset[Any]] = {}  # one of each, shared by peers
-        self._by_role: dict[str, dict[str, Peer]] = {}
-        self._by_prop: dict[str, dict[Any, dict[str, Peer]]] = {}
-        self._queries: OrderedDict[bytes, list[Any]] = OrderedDict()
-        # Subscriptions and reservations, the state a room carries when it moves to another
-        # instance (see `facts`/`carry`): bumped whenever they change.
-        self.facts_version = 0
-        self.carried: dict[str, Any] | None = None
-        self.carry_deadline: float | None = None
+        self.index = Discovery(self.peers)
+        self._seq = 0  # join order
+        # Subscriptions and reservations, what the room hands over when it moves to
+        # another instance (handover.py): bumped whenever they change.
+        self.handover_version = 0
+        self.pending: PendingHandover | None = None  # a previous life's, while its peers come back
+
+    @property
+    def handover_deadline(self) -> float | None:
+        return self.pending.deadline if self.pending is not None else None
 
     # ---------------------------------------------------------------- queries
     @property
@@ -165,19 +65,23 @@ class RoomState:
 
     def next_deadline(self) -> float | None:
         soonest = min(self.deadlines.values()) if self.deadlines else None
-        if self.carry_deadline is not None and (soonest is None or self.carry_deadline < soonest):
-            return self.carry_deadline
+        handover = self.handover_deadline
+        if handover is not None and (soonest is None or handover < soonest):
+            return handover
         return soonest
 
-    def peer_sub(self, peer_id: str) -> str | None:
+    def peer_subject(self, peer_id: str) -> str | None:
         peer = self.peers.get(peer_id)
-        return peer.sub if peer else None
+        return peer.subject if peer else None
 
-    def subs(self) -> set[str]:
-        return {p.sub for p in self.peers.values()}
+    def subjects(self) -> set[str]:
+        return {p.subject for p in self.peers.values()}
 
     def role_counts(self) -> dict[str, int]:
-        return {role: len(members) for role, members in self._by_role.items()}
+        return self.index.role_counts()
+
+    def query(self, filters: Any) -> tuple[Filter, dict[str, Peer]]:
+        return self.index.query(filters)
 
     # ---------------------------------------------------------------- register
     def register(
@@ -185,38 +89,29 @@ class RoomState:
         conn: Conn,
         *,
         peer_id: str,
-        sub: str,
+        subject: str,
         role: str,
         metadata: dict[str, Any],
         token: str,
         now: float,
         announce: bool = True,
     ) -> Effects:
-        """A connection whose id_token and room token the caller has already checked.
+        """A connection whose credential the caller has already checked; `subject` is who
+        it says the peer is (a peer id in use by another subject is refused).
 
         `announce=False` restores a peer that was already told it is registered (its room
         moved to another instance, see docs/SCALING.md): no second `registered_auth`."""
         fx = Effects()
         try:
-            md.check_size(metadata, self.max_metadata_bytes)
-            current = self.by_conn.get(conn)
-            holder = self.peers.get(peer_id)
-            if holder is not None and holder.conn is not conn and holder.sub != sub:
-                raise E.ProtocolError(
-                    E.PEER_ID_TAKEN, f"peer_id {peer_id!r} is already in use in this room"
-                )
-            frees = (current is not None and current.peer_id != peer_id) or holder is not None
-            if len(self.peers) - (1 if frees else 0) >= self.max_peers:
-                raise E.ProtocolError(
-                    E.ROOM_FULL, f"room is full ({self.max_peers} peers)"
-                )
+            self._admit(conn, peer_id, subject, metadata)
         except E.ProtocolError as exc:
             exc.extra.setdefault("reason", exc.message)
             fx.error(conn, exc)
             return fx
-
+        current = self.by_conn.get(conn)
         if current is not None and current.peer_id != peer_id:
             self._remove(current, fx)
+        holder = self.peers.get(peer_id)
         if holder is not None and holder.conn is not conn:
             # Same identity on a new connection: the new one takes over the peer,
             # its reservations included (a worker reconnecting before its dead
@@ -229,110 +124,103 @@ class RoomState:
         peer = self.peers.get(peer_id)
         joined = peer is None
         if peer is None:
-            peer = Peer(peer_id, conn, sub, connected_at=round(now + self.wall_offset, 3))
+            peer = Peer(peer_id, conn, subject, connected_at=round(now + self.wall_offset, 3))
             self._seq += 1
             peer.seq = self._seq
             self.peers[peer_id] = peer
             self.by_conn[conn] = peer
         else:
-            self._unindex(peer)
-        peer.sub = sub
-        self._set_profile(peer, role, metadata)
-        self._index(peer)
+            self.index.remove(peer)
+        peer.subject = subject
+        self.index.set_profile(peer, role, metadata)
+        self.index.add(peer)
         if announce:
             fx.send(
                 conn,
                 {"type": "registered_auth", "room_id": self.room_id, "token": token, "peer_id": peer_id},
             )
         self._notify(peer, fx, "joined" if joined else "changed")
-        if not announce and self.carried is not None:
-            self._restore_facts(peer, now, fx)
+        if not announce and self.pending is not None:
+            self._restore_handover(peer, now, fx)
         return fx
+
+    def _admit(self, conn: Conn, peer_id: str, subject: str, metadata: dict[str, Any]) -> None:
+        """ProtocolError when the room cannot take this registration as it is now."""
+        md.check_size(metadata, self.max_metadata_bytes)
+        current = self.by_conn.get(conn)
+        holder = self.peers.get(peer_id)
+        if holder is not None and holder.conn is not conn and holder.subject != subject:
+            raise E.ProtocolError(E.PEER_ID_TAKEN, f"peer_id {peer_id!r} is already in use in this room")
+        frees = (current is not None and current.peer_id != peer_id) or holder is not None
+        if len(self.peers) - (1 if frees else 0) >= self.max_peers:
+            raise E.ProtocolError(E.ROOM_FULL, f"room is full ({self.max_peers} peers)")
 
     # ------------------------------------------------------- moving rooms
-    def facts(self) -> dict[str, Any]:
-        """What a room's peers cannot rebuild by registering again: who subscribed to
-        what (and which peers each subscriber knows of), and who holds whom until when
-        (Unix seconds). Plain JSON data; `carry` takes it on the room's next instance."""
-        subs = {
-            p.peer_id: {"f": p.sub_filters, "m": sorted(p.sub_matches)}
-            for p in self.subscribers.values()
-        }
-        res = {
-            p.peer_id: [p.reserved_by, p.reserved_until]
-            for p in self.peers.values() if p.reserved_by is not None
-        }
-        return {"subs": subs, "res": res}
+    def handover(self) -> dict[str, Any]:
+        """What this room's peers could not rebuild by registering again, as plain JSON
+        data (handover.py); `take_over` takes it on the room's next instance."""
+        return snapshot(self.peers.values(), self.subscribers.values())
 
-    def carry(self, facts: dict[str, Any], now: float, window: float) -> Effects:
-        """Take over the facts of this room's previous life (its instance died). They
-        apply to each peer as it is restored (register with announce=False) for `window`
-        seconds; then subscribers hear `peer_left` for the peers that never came back."""
+    def take_over(self, data: Any, now: float, window: float) -> Effects:
+        """Take over the handover of this room's previous life (its instance died). It
+        applies to each peer as it is restored (register with announce=False) for
+        `window` seconds; then subscribers hear `peer_left` for the peers that never came
+        back. Anything that is not a handover is ignored."""
         fx = Effects()
-        if not isinstance(facts, dict):
-            return fx
-        self.carried = {"subs": dict(facts.get("subs") or {}), "res": dict(facts.get("res") or {}),
-                        "restored": set()}
-        self.carry_deadline = now + window
-        # peers restored before the facts arrived (they are fetched while restores run)
-        for peer in sorted(self.peers.values(), key=_by_seq):
-            self._restore_facts(peer, now, fx)
+        self.pending = PendingHandover.parse(data, now + window)
+        if self.pending is not None:
+            # peers restored before the handover arrived (it is read while restores run)
+            for peer in sorted(self.peers.values(), key=by_join_order):
+                self._restore_handover(peer, now, fx)
         return fx
 
-    def _restore_facts(self, peer: Peer, now: float, fx: Effects) -> None:
-        carried = self.carried
-        assert carried is not None
-        carried["restored"].add(peer.peer_id)
-        sub = carried["subs"].pop(peer.peer_id, None)
-        if sub is not None and peer.subscription is None:
-            try:
-                flt, matches = self.query(sub.get("f"))
-            except E.ProtocolError:
-                flt = None
-            if flt is not None:
-                known = set(sub.get("m") or ())
-                peer.subscription = flt
-                peer.sub_filters = sub.get("f")
-                self.subscribers[peer.peer_id] = peer
-                self.facts_version += 1
-                # peers it knew stay known (restored later: peer_updated, or peer_left if
-                # they changed); what changed while the room moved is told now
-                for other in matches.values():
-                    if other is not peer and other.peer_id not in known:
-                        fx.send(peer.conn, _event("peer_joined", other))
-                for pid in list(known):
-                    other = self.peers.get(pid)
-                    if other is not None and pid not in matches:
-                        known.discard(pid)
-                        fx.send(peer.conn, _event("peer_left", other))
-                peer.sub_matches = known
-        # reservations whose holder and target are both back, and still running
-        for target_id, entry in list(carried["res"].items()):
-            try:
-                holder_id, until = entry
-                until = float(until)
-            except (TypeError, ValueError):
-                del carried["res"][target_id]
-                continue
-            if target_id not in carried["restored"] or holder_id not in carried["restored"]:
-                continue
-            del carried["res"][target_id]
-            target, holder = self.peers.get(target_id), self.peers.get(holder_id)
-            deadline = until - self.wall_offset
-            if target is None or holder is None or target.reserved_by is not None or deadline <= now:
-                continue
-            self._hold(target, holder, until, deadline)
-            self._notify(target, fx, "changed")
+    def _restore_handover(self, peer: Peer, now: float, fx: Effects) -> None:
+        assert self.pending is not None
+        subscription, due = self.pending.restore(peer.peer_id)
+        if subscription is not None and peer.subscription is None:
+            self._resubscribe(peer, subscription, fx)
+        for reservation in due:
+            self._rehold(reservation, now, fx)
 
-    def _end_carry(self, fx: Effects) -> None:
+    def _resubscribe(self, peer: Peer, subscription: Subscription, fx: Effects) -> None:
+        try:
+            flt, matches = self.query(subscription.filters)
+        except E.ProtocolError:
+            return
+        known = subscription.known
+        peer.subscription = flt
+        peer.subscribed_with = subscription.filters
+        self.subscribers[peer.peer_id] = peer
+        self.handover_version += 1
+        # peers it knew stay known (restored later: peer_updated, or peer_left if they
+        # changed); what changed while the room moved is told now
+        for other in matches.values():
+            if other is not peer and other.peer_id not in known:
+                fx.send(peer.conn, event_json("peer_joined", other))
+        for pid in list(known):
+            other = self.peers.get(pid)
+            if other is not None and pid not in matches:
+                known.discard(pid)
+                fx.send(peer.conn, event_json("peer_left", other))
+        peer.known = known
+
+    def _rehold(self, reservation: Reservation, now: float, fx: Effects) -> None:
+        """A reservation of the previous life, its holder and target both back."""
+        target, holder = self.peers.get(reservation.target), self.peers.get(reservation.holder)
+        deadline = reservation.until - self.wall_offset
+        if target is None or holder is None or target.reserved_by is not None or deadline <= now:
+            return
+        self._hold(target, holder, reservation.until, deadline)
+        self._notify(target, fx, "changed")
+
+    def _end_handover(self, fx: Effects) -> None:
         """The window is over: peers that did not come back are gone for good."""
-        self.carried = None
-        self.carry_deadline = None
+        self.pending = None
         for sub in list(self.subscribers.values()):
-            for pid in [p for p in sub.sub_matches if p not in self.peers]:
-                sub.sub_matches.discard(pid)
+            for pid in [p for p in sub.known if p not in self.peers]:
+                sub.known.discard(pid)
                 fx.send(sub.conn, '{"type":"peer_left","peer":%s}' % dumps({"peer_id": pid}))
-                self.facts_version += 1
+                self.handover_version += 1
 
     # ---------------------------------------------------------------- messages
     def handle(self, conn: Conn, msg: dict[str, Any], raw: str, now: float) -> Effects:
@@ -365,99 +253,7 @@ class RoomState:
         _, found = self.query(msg.get("filters"))
         if peer.peer_id in found:
             found = {k: v for k, v in found.items() if v is not peer}
-        fx.send(peer.conn, _peer_list("peer_list", {"to_peer_id": peer.peer_id}, found.values()))
-
-    # ------------------------------------------------------------- discovery
-    def query(self, filters: Any) -> tuple[Filter, dict[str, Peer]]:
-        """Every peer matching `filters`, in join order (the asker included: callers
-        drop it). Answers come from an index when the filter names a role or an equal
-        property, and from a cache while nothing in the room has changed."""
-        try:
-            key = orjson.dumps(filters, option=orjson.OPT_SORT_KEYS)
-        except TypeError:  # not JSON (only from direct callers): no caching
-            key = None
-        entry = self._queries.get(key) if key is not None else None
-        if entry is None:
-            flt = Filter(filters)
-            entry = [flt, -1, {}]
-            if key is not None:
-                self._queries[key] = entry
-                if len(self._queries) > MAX_CACHED_QUERIES:
-                    self._queries.popitem(last=False)
-        elif key is not None:
-            self._queries.move_to_end(key)
-        if entry[1] != self.version:
-            flt = entry[0]
-            candidates, indexed = self._candidates(flt)
-            found = [p for p in candidates if flt.matches(p)]
-            if indexed:
-                found.sort(key=_by_seq)
-            entry[1], entry[2] = self.version, {p.peer_id: p for p in found}
-        return entry[0], entry[2]
-
-    def _candidates(self, flt: Filter) -> tuple[Any, bool]:
-        best: dict[str, Peer] = self.peers
-        if flt.role is not None:
-            by_role = self._by_role.get(flt.role, {})
-            if len(by_role) < len(best):
-                best = by_role
-        for key, ikey in flt.eq_props:
-            index = self._by_prop.get(key)
-            if index is None:
-                if len(self._by_prop) >= MAX_INDEXED_KEYS:
-                    continue
-                index = self._build_prop_index(key)
-            bucket = index.get(ikey, {})
-            if len(bucket) < len(best):
-                best = bucket
-        return best.values(), best is not self.peers
-
-    def _build_prop_index(self, key: str) -> dict[Any, dict[str, Peer]]:
-        index: dict[Any, dict[str, Peer]] = {}
-        for p in self.peers.values():
-            if key in p.properties:
-                ikey = index_key(p.properties[key])
-                if ikey is not None:
-                    index.setdefault(ikey, {})[p.peer_id] = p
-        self._by_prop[key] = index
-        return index
-
-    def _set_profile(self, peer: Peer, role: str, metadata: dict[str, Any]) -> None:
-        """A peer's role and metadata. Its tag set is the room's one copy of that set
-        (peers mostly send the same few tag lists; a frozenset is 216 bytes or more)."""
-        tags = metadata.get("tags")
-        tag_set = frozenset(tags) if isinstance(tags, list) and tags else _NONE
-        shared = self._tag_sets.get(tag_set)
-        if shared is None:
-            if len(self._tag_sets) >= MAX_TAG_SETS:
-                self._tag_sets.clear()
-            shared = self._tag_sets[tag_set] = tag_set
-        peer.set_profile(role, metadata, shared)
-
-    def _index(self, peer: Peer) -> None:
-        self._by_role.setdefault(peer.role, {})[peer.peer_id] = peer
-        for key, index in self._by_prop.items():
-            if key in peer.properties:
-                ikey = index_key(peer.properties[key])
-                if ikey is not None:
-                    index.setdefault(ikey, {})[peer.peer_id] = peer
-        self.version += 1
-
-    def _unindex(self, peer: Peer) -> None:
-        by_role = self._by_role.get(peer.role)
-        if by_role is not None:
-            by_role.pop(peer.peer_id, None)
-            if not by_role:
-                del self._by_role[peer.role]
-        for key, index in self._by_prop.items():
-            if key in peer.properties:
-                ikey = index_key(peer.properties[key])
-                bucket = index.get(ikey) if ikey is not None else None
-                if bucket is not None:
-                    bucket.pop(peer.peer_id, None)
-                    if not bucket:
-                        del index[ikey]
-        self.version += 1
+        fx.send(peer.conn, peer_list_json("peer_list", {"to_peer_id": peer.peer_id}, found.values()))
 
     def _update_metadata(self, peer: Peer, msg: dict[str, Any], raw: str, now: float, fx: Effects) -> None:
         self._identity(peer, msg, "peer_id")
@@ -466,9 +262,9 @@ class RoomState:
         update = md.validate(msg["metadata"])
         merged = md.merge(peer.metadata, update)
         md.check_size(merged, self.max_metadata_bytes)
-        self._unindex(peer)
-        self._set_profile(peer, peer.role, merged)
-        self._index(peer)
+        self.index.remove(peer)
+        self.index.set_profile(peer, peer.role, merged)
+        self.index.add(peer)
         fx.send(peer.conn, {"type": "metadata_updated", "peer_id": peer.peer_id, "metadata": merged})
         self._notify(peer, fx, "changed")
 
@@ -513,11 +309,11 @@ class RoomState:
         flt, matches = self.query(msg.get("filters"))
         found = [p for p in matches.values() if p is not peer]
         peer.subscription = flt
-        peer.sub_filters = msg.get("filters")
-        peer.sub_matches = {p.peer_id for p in found}
+        peer.subscribed_with = msg.get("filters")
+        peer.known = {p.peer_id for p in found}
         self.subscribers[peer.peer_id] = peer
-        self.facts_version += 1
-        fx.send(peer.conn, _peer_list("subscribed", {}, found))
+        self.handover_version += 1
+        fx.send(peer.conn, peer_list_json("subscribed", {}, found))
 
     def _unsubscribe(self, peer: Peer, msg: dict[str, Any], raw: str, now: float, fx: Effects) -> None:
         self._drop_subscription(peer)
@@ -525,10 +321,10 @@ class RoomState:
 
     def _drop_subscription(self, peer: Peer) -> None:
         if self.subscribers.pop(peer.peer_id, None) is not None:
-            self.facts_version += 1
+            self.handover_version += 1
         peer.subscription = None
-        peer.sub_filters = None
-        peer.sub_matches = _NONE
+        peer.subscribed_with = None
+        peer.known = EMPTY
 
     def _notify(self, changed: Peer, fx: Effects, kind: str) -> None:
         """Tell every subscriber but `changed` itself how its match set moved."""
@@ -536,18 +332,18 @@ class RoomState:
         for sub in list(self.subscribers.values()):
             if sub is changed:
                 continue
-            was = pid in sub.sub_matches
+            was = pid in sub.known
             now_matches = kind != "left" and sub.subscription.matches(changed)  # type: ignore[union-attr]
             if now_matches and not was:
-                sub.sub_matches.add(pid)
-                self.facts_version += 1
-                fx.send(sub.conn, _event("peer_joined", changed))
+                sub.known.add(pid)
+                self.handover_version += 1
+                fx.send(sub.conn, event_json("peer_joined", changed))
             elif now_matches:
-                fx.send(sub.conn, _event("peer_updated", changed))
+                fx.send(sub.conn, event_json("peer_updated", changed))
             elif was:
-                sub.sub_matches.discard(pid)
-                self.facts_version += 1
-                fx.send(sub.conn, _event("peer_left", changed))
+                sub.known.discard(pid)
+                self.handover_version += 1
+                fx.send(sub.conn, event_json("peer_left", changed))
 
     # ---------------------------------------------------------- reservations
     def _reserve(self, peer: Peer, msg: dict[str, Any], raw: str, now: float, fx: Effects) -> None:
@@ -609,8 +405,8 @@ class RoomState:
         target.reserved_until = until
         target.reserve_deadline = deadline
         target.touch()
-        self.version += 1
-        self.facts_version += 1
+        self.index.changed()
+        self.handover_version += 1
         if not holder.holding:
             holder.holding = set()
         holder.holding.add(target.peer_id)  # type: ignore[union-attr]
@@ -626,8 +422,8 @@ class RoomState:
         target.reserved_until = None
         target.reserve_deadline = None
         target.touch()
-        self.version += 1
-        self.facts_version += 1
+        self.index.changed()
+        self.handover_version += 1
         self.deadlines.pop(target.peer_id, None)
         fx.send(target.conn, {"type": "peer_released", "by": holder_id, "reason": reason})
         self._notify(target, fx, "changed")
@@ -637,8 +433,8 @@ class RoomState:
         for target_id, deadline in list(self.deadlines.items()):
             if deadline <= now:
                 self._release(self.peers[target_id], "expired", fx)
-        if self.carry_deadline is not None and self.carry_deadline <= now:
-            self._end_carry(fx)
+        if self.pending is not None and self.pending.deadline <= now:
+            self._end_handover(fx)
         return fx
 
     def _ping(self, peer: Peer, msg: dict[str, Any], raw: str, now: float, fx: Effects) -> None:
@@ -655,7 +451,9 @@ class RoomState:
     def kick(self, peer_id: str | None, code: int, reason: str) -> Effects:
         """Disconnect one peer (or all, with None) on the server's own initiative."""
         fx = Effects()
-        victims = list(self.peers.values()) if peer_id is None else [self.peers[peer_id]] if peer_id in self.peers else []
+        victims = (
+            list(self.peers.values()) if peer_id is None else [self.peers[peer_id]] if peer_id in self.peers else []
+        )
         for peer in victims:
             fx.closes.append((peer.conn, code, reason))
             self._remove(peer, fx)
@@ -664,13 +462,13 @@ class RoomState:
     def _remove(self, peer: Peer, fx: Effects) -> None:
         del self.peers[peer.peer_id]
         del self.by_conn[peer.conn]
-        self._unindex(peer)
+        self.index.remove(peer)
         self._drop_subscription(peer)
         for target_id in list(peer.holding):
             target = self.peers.get(target_id)
             if target is not None and target.reserved_by == peer.peer_id:
                 self._release(target, "holder_left", fx)
-        peer.holding = _NONE
+        peer.holding = EMPTY
         if peer.reserved_by is not None:
             holder = self.peers.get(peer.reserved_by)
             if holder is not None and holder.holding:

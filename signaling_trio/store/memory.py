@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import ClosingStore, RoomRecord
+from .base import ClosingStore, RoomRecord
 import dataclasses
 
 

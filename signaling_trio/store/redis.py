@@ -8,7 +8,7 @@ failure is `StoreUnavailable` (clients: STORE_UNAVAILABLE, /health: 503), and th
 reconnects by itself when Redis is back.
 
 Live peers are not here: each room's live state is held by the instance that owns it
-(`_cluster.py`; docs/SCALING.md).
+(`cluster/`; docs/SCALING.md), whose own keys are in `cluster/transport.py`.
 """
 
 from __future__ import annotations
@@ -22,16 +22,26 @@ import coredis.exceptions
 import trio
 
 from ..config import ConfigError
-from . import RoomRecord, StoreUnavailable
+from .base import RoomRecord, StoreUnavailable
 
 T = TypeVar("T")
-PREFIX = "signaling"
+PREFIX = "signaling"  # every key and channel of this server, store and cluster alike
 GRACE = 86400  # seconds an expired room is kept (answers ROOM_EXPIRED)
 KEY_NAME = f"{PREFIX}:signing-key"
 
 
 def _room_key(room_id: str) -> str:
     return f"{PREFIX}:room:{{{room_id}}}"
+
+
+async def redis_call(fn: Callable[[], Awaitable[T]], what: str, *, timeout: float) -> T:
+    """One Redis round trip (or a few), bounded: any failure or a deadline passed is
+    StoreUnavailable naming `what`. The one wrapper for every Redis call of the server."""
+    try:
+        with trio.fail_after(timeout):
+            return await fn()
+    except (coredis.exceptions.RedisError, trio.TooSlowError, OSError) as exc:
+        raise StoreUnavailable(f"{what} cannot be reached ({type(exc).__name__})") from None
 
 
 class RedisStore:
@@ -54,7 +64,7 @@ class RedisStore:
 
     @property
     def client(self) -> Any:
-        """The coredis client, shared with the cluster layer (signaling_trio._cluster)."""
+        """The coredis client, shared with the cluster layer (`cluster/transport.py`)."""
         return self._client
 
     async def __aenter__(self) -> "RedisStore":
@@ -72,11 +82,8 @@ class RedisStore:
             await self._client.__aexit__(None, None, None)
 
     async def _call(self, fn: Callable[[], Awaitable[T]]) -> T:
-        try:
-            with trio.fail_after(self.timeout + 1):
-                return await fn()
-        except (coredis.exceptions.RedisError, trio.TooSlowError, OSError) as exc:
-            raise StoreUnavailable(f"redis store {self.url} cannot be reached ({type(exc).__name__})") from None
+        return await redis_call(fn, f"redis store {self.url}", timeout=self.timeout + 1)
+
 
     async def create_room(self, room: RoomRecord) -> None:
         key = _room_key(room.room_id)
@@ -93,7 +100,9 @@ class RedisStore:
         data = await self._call(lambda: self._client.hgetall(_room_key(room_id)))
         if not data:
             return None
-        return RoomRecord(room_id, data["token_hash"], data["creator"], float(data["created_at"]), float(data["expires_at"]))
+        return RoomRecord(
+            room_id, data["token_hash"], data["creator"], float(data["created_at"]), float(data["expires_at"])
+        )
 
     async def set_expiry(self, room_id: str, expires_at: float) -> bool:
         key = _room_key(room_id)

@@ -14,7 +14,7 @@ from typing import Any, Callable, TypeVar
 
 import trio
 
-from . import ClosingStore, RoomRecord, StoreFull, StoreUnavailable
+from .base import ClosingStore, RoomRecord, StoreFull, StoreUnavailable
 
 T = TypeVar("T")
 

@@ -1,15 +1,17 @@
 """Room actors and their supervisor.
 
-Owns: which rooms are live, and for each one the task that holds its `RoomState`.
-A connection never touches a room's state; it sends a command into the room's bounded
-inbox. The room never waits on a connection: it hands frames to each peer's outbox with
-`deliver()` (non-blocking) and asks for closes with `request_close()` (non-blocking).
+Owns: which rooms are live in this process, and for each one the task that holds its
+`RoomState` (protocol/room.py). A connection never touches a room's state; it sends a
+command into the room's bounded inbox. The room never waits on a connection: it hands
+frames to each peer's outbox with `deliver()` (non-blocking) and asks for closes with
+`request_close()` (non-blocking).
 
-Never touches: sockets, the store, HTTP.
+Never touches: sockets, the store, HTTP, other instances.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -24,27 +26,32 @@ from .config import Settings
 from .protocol import errors as E
 from .protocol.room import Effects, RoomState
 
-import logging
-
 
 class PeerConnection(Protocol):
     """What a room may do to a connection: both calls return at once."""
 
-    id: int
+    id: Any  # unique among the room's connections
 
     def deliver(self, text: str) -> None: ...
     def request_close(self, code: int, reason: str) -> None: ...
+
+
+class Reply(Protocol):
+    """Where an answer goes: a memory channel's send side, or a reply that crosses
+    instances. Never blocks."""
+
+    def send_nowait(self, value: Any) -> None: ...
 
 
 @dataclass(slots=True)
 class Register:
     conn: PeerConnection
     peer_id: str
-    sub: str
+    subject: str  # who the credential says the peer is (the JWT's `sub`)
     role: str
     metadata: dict[str, Any]
-    token: str
-    reply: Any  # has send_nowait(bound peer_id | None): a memory channel, or a remote reply
+    token: str  # the room token it registered with
+    reply: Reply  # gets the peer id now bound, or None (the room sent the error itself)
     announce: bool = True  # False: a restore after the room moved (no registered_auth)
 
 
@@ -60,7 +67,7 @@ class Message:
     raw: str
     # the cluster's hold on a request from another instance: begin() before the room
     # handles it, end() after, so its answer travels back as one item
-    answer: "AnswerHold | None" = None
+    answer: AnswerHold | None = None
 
 
 @dataclass(slots=True)
@@ -75,15 +82,15 @@ class Call:
 
     op: str
     args: tuple[Any, ...]
-    reply: Any  # has send_nowait(result)
+    reply: Reply
 
 
 CALLS: dict[str, Callable[..., Any]] = {
-    "subs": lambda state: sorted(state.subs()),
-    "peer_sub": RoomState.peer_sub,
+    "subjects": lambda state: sorted(state.subjects()),
+    "peer_subject": RoomState.peer_subject,
     "count": lambda state: len(state.peers),
     "kick": RoomState.kick,  # Effects: applied by the actor, the caller gets None
-    "carry": RoomState.carry,  # (facts, now, window): the room moved here; Effects
+    "take_over": RoomState.take_over,  # (handover, now, window): the room moved here; Effects
 }
 
 
@@ -103,12 +110,18 @@ class RoomActor:
             wall_offset=time.time() - trio.current_time(),
         )
         self.inbox, self._receive = trio.open_memory_channel[Command](settings.room_inbox_size)
+        # the RoomHandle interface (_router.py), bound once: no extra call per frame
+        self.send_nowait = self.inbox.send_nowait
+        self.send = self.inbox.send
         self.metrics = supervisor.metrics
         self._scope = trio.CancelScope()
         # with a cluster: told when subscriptions or reservations changed (to save them)
-        self.on_facts: Callable[[RoomActor], None] | None = None
-        self.facts_loaded = True
-        self._facts_seen = 0
+        self.on_handover_change: Callable[[RoomActor], None] | None = None
+        self.handover_loaded = True
+        self._handover_seen = 0
+
+    def register_abandoned(self, conn_id: Any) -> None:
+        """The connection stopped waiting for its Register's answer: nothing to forget here."""
 
     def abandon(self) -> None:
         """Stop at once without telling anyone: the room now lives on another instance."""
@@ -163,11 +176,11 @@ class RoomActor:
                     except trio.WouldBlock:
                         break
                     self._dispatch(cmd, now)
-            if state.deadlines or state.carry_deadline is not None:
+            if state.deadlines or state.handover_deadline is not None:
                 self._apply(state.expire(now))
-            if self.on_facts is not None and state.facts_version != self._facts_seen:
-                self._facts_seen = state.facts_version
-                self.on_facts(self)
+            if self.on_handover_change is not None and state.handover_version != self._handover_seen:
+                self._handover_seen = state.handover_version
+                self.on_handover_change(self)
             if state.empty and receive.statistics().current_buffer_used == 0:
                 return  # retire: an empty room's live state is dropped
 
@@ -184,7 +197,7 @@ class RoomActor:
             self._apply(state.leave(cmd.conn))
         elif type(cmd) is Register:
             fx = state.register(
-                cmd.conn, peer_id=cmd.peer_id, sub=cmd.sub, role=cmd.role,
+                cmd.conn, peer_id=cmd.peer_id, subject=cmd.subject, role=cmd.role,
                 metadata=cmd.metadata, token=cmd.token, now=now, announce=cmd.announce,
             )
             self._apply(fx)
@@ -215,10 +228,10 @@ class RoomActor:
 class RoomSupervisor:
     """Starts a room's actor on first use and forgets it when it retires.
 
-    `rooms` is only changed by `room()` and `_forget()`, both synchronous: no task can
-    observe it half-changed. `last_room` remembers where a peer id was last registered so
-    /delete-peers-and-room (v1 sends only a peer_id, after its socket is closed) can find
-    the room."""
+    `rooms` is only changed by `room()`, `give_up()` and `_forget()`, all synchronous: no
+    task can observe it half-changed. `last_room` remembers where a peer id was last
+    registered so /delete-peers-and-room (v1 sends only a peer_id, after its socket is
+    closed) can find the room."""
 
     def __init__(self, settings: Settings, metrics: Metrics) -> None:
         self.settings = settings
@@ -226,7 +239,8 @@ class RoomSupervisor:
         self.rooms: dict[str, RoomActor] = {}
         self.last_room: OrderedDict[str, str] = OrderedDict()
         self._nursery: trio.Nursery | None = None
-        self.cluster: Any = None  # signaling_trio._cluster.Cluster with a Redis store
+        # told when an actor retired by itself (empty, or crashed), after it is forgotten
+        self.on_retired: Callable[[RoomActor], None] | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
@@ -244,12 +258,18 @@ class RoomSupervisor:
             event(logging.DEBUG, "room live", room_id=room_id)
         return actor
 
+    def give_up(self, actor: RoomActor) -> None:
+        """Stop the actor at once, telling nobody: its room lives on another instance now."""
+        if self.rooms.get(actor.room_id) is actor:
+            del self.rooms[actor.room_id]
+        actor.abandon()
+
     def _forget(self, actor: RoomActor) -> None:
         if self.rooms.get(actor.room_id) is actor:
             del self.rooms[actor.room_id]
             event(logging.DEBUG, "room idle", room_id=actor.room_id)
-            if self.cluster is not None:
-                self.cluster.room_retired(actor)
+            if self.on_retired is not None:
+                self.on_retired(actor)
 
     def note_peer(self, peer_id: str, room_id: str) -> None:
         self.last_room[peer_id] = room_id
@@ -257,21 +277,9 @@ class RoomSupervisor:
         while len(self.last_room) > 100_000:
             self.last_room.popitem(last=False)
 
-    async def find_room(self, peer_id: str) -> str | None:
-        """Where `peer_id` last registered (here, or on any instance with a cluster)."""
-        room_id = self.last_room.get(peer_id)
-        if room_id is None and self.cluster is not None:
-            room_id = await self.cluster.find_room(peer_id)
-        return room_id
-
-    async def call(self, room_id: str, op: str, *args: Any, timeout: float = 5.0) -> Any:
-        """Run the CALLS operation `op` in the live room's actor (on whichever instance
-        owns it); None when the room has no live state. trio.TooSlowError after `timeout`."""
-        if self.cluster is not None:
-            return await self.cluster.call(room_id, op, args, timeout=timeout)
-        return await self.call_local(room_id, op, args, timeout=timeout)
-
-    async def call_local(self, room_id: str, op: str, args: tuple[Any, ...], *, timeout: float = 5.0) -> Any:
+    async def call(self, room_id: str, op: str, args: tuple[Any, ...], *, timeout: float = 5.0) -> Any:
+        """Run the CALLS operation `op` in this process's actor of the room; None when the
+        room has no live state here. trio.TooSlowError after `timeout`."""
         actor = self.rooms.get(room_id)
         if actor is None:
             return None
