@@ -166,12 +166,17 @@ def main() -> int:
         (f"relay 50x4 over {rooms_n} rooms: --workers 1", R["workers1"]),
         (f"relay 50x4 over {rooms_n} rooms: --workers 2", R["workers2"]),
     ]
-    lines = ["| scenario | msgs/s | msgs per server CPU-s | RTT p50 ms | RTT p99 ms | servers CPU % | redis CPU % | loadgen CPU % |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| scenario | msgs/s | msgs per server CPU-s | RTT p50 ms | RTT p99 ms "
+        "| servers CPU % | redis CPU % | loadgen CPU % |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for name, r in rows:
         per_cpu = r["msgs_per_s"] / max(r["server_cpu_pct"] / 100, 1e-9)
-        lines.append(f"| {name} | {r['msgs_per_s']:,.0f} | {per_cpu:,.0f} | {r['rtt_p50_ms']:.2f} | {r['rtt_p99_ms']:.2f} | "
-                     f"{r['server_cpu_pct']:.0f} | {r['redis_cpu_pct']:.0f} | {r['loadgen_cpu_pct']:.0f} |")
+        lines.append(
+            f"| {name} | {r['msgs_per_s']:,.0f} | {per_cpu:,.0f} | {r['rtt_p50_ms']:.2f} | {r['rtt_p99_ms']:.2f} | "
+            f"{r['server_cpu_pct']:.0f} | {r['redis_cpu_pct']:.0f} | {r['loadgen_cpu_pct']:.0f} |"
+        )
     lines.append("")
     lines.append(f"cross / same throughput: {R['cross']['msgs_per_s'] / R['same']['msgs_per_s']:.2f}x; "
                  f"RTT p50: {R['cross_rtt']['rtt_p50_ms'] / R['same_rtt']['rtt_p50_ms']:.2f}x; "

@@ -126,17 +126,29 @@ def server(kind: str) -> Iterator[dict[str, Any]]:
 
 
 def _post(url: str, token: str | None = None) -> dict[str, Any]:
-    req = urllib.request.Request(url, data=b"", method="POST", headers={"Authorization": f"Bearer {token}"} if token else {})
+    req = urllib.request.Request(
+        url, data=b"", method="POST", headers={"Authorization": f"Bearer {token}"} if token else {}
+    )
     with urllib.request.urlopen(req, timeout=10) as r:
         return json.loads(r.read())
 
 
 class Loadgen:
     def __init__(self, srv: dict[str, Any], cfg: dict[str, Any]) -> None:
-        full = {**{k: srv[k] for k in ("ws_url", "room_id", "token", "id_token") if k in srv}, "target": srv["kind"], **cfg}
+        full = {
+            **{k: srv[k] for k in ("ws_url", "room_id", "token", "id_token") if k in srv},
+            "target": srv["kind"],
+            **cfg,
+        }
         self.err = open(os.path.join(RESULTS_LOGS, "loadgen.err"), "a")
-        self.proc = subprocess.Popen(pinned(LOADGEN_CPU, ["node", os.path.join(HERE, "loadgen.mjs"), json.dumps(full)]),
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.err, text=True, cwd=HERE)
+        self.proc = subprocess.Popen(
+            pinned(LOADGEN_CPU, ["node", os.path.join(HERE, "loadgen.mjs"), json.dumps(full)]),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.err,
+            text=True,
+            cwd=HERE,
+        )
 
     def wait_phase(self, phase: str) -> dict[str, Any]:
         assert self.proc.stdout is not None
@@ -183,7 +195,9 @@ def lg_cpu_after(lg: Loadgen, before: float) -> float:
 # ------------------------------------------------------------------ scenarios
 def relay(kind: str, pairs: int, inflight: int, duration: float) -> dict[str, Any]:
     with server(kind) as srv:
-        lg = Loadgen(srv, {"scenario": "relay", "pairs": pairs, "inflight": inflight, "duration": duration, "warmup": 1})
+        lg = Loadgen(
+            srv, {"scenario": "relay", "pairs": pairs, "inflight": inflight, "duration": duration, "warmup": 1}
+        )
         lg.wait_phase("measure")
         s0, l0, t0 = cpu_seconds(srv["pid"]), cpu_seconds(lg.proc.pid), time.monotonic()
         time.sleep(duration)
@@ -231,7 +245,9 @@ def discover(n: int, clients: int, filt: dict[str, Any], duration: float) -> dic
 
 def presence(subscribers: int, updaters: int, duration: float) -> dict[str, Any]:
     with server("ours") as srv:
-        res = measured(srv, {"scenario": "presence", "subscribers": subscribers, "updaters": updaters, "duration": duration})
+        res = measured(
+            srv, {"scenario": "presence", "subscribers": subscribers, "updaters": updaters, "duration": duration}
+        )
         res["server_cpu_us_per_event"] = 1e6 * res["server_cpu_s"] / max(1, res["events"])
         return res
 
@@ -288,8 +304,15 @@ def main() -> int:
     os.makedirs(RESULTS_LOGS, exist_ok=True)
     ensure_node_modules()
 
-    R: dict[str, Any] = {"machine": {"cores": CORES, "cpu": platform.processor() or platform.machine(),
-                                      "python": platform.python_version(), "server_core": SERVER_CPU, "loadgen_core": LOADGEN_CPU}}
+    R: dict[str, Any] = {
+        "machine": {
+            "cores": CORES,
+            "cpu": platform.processor() or platform.machine(),
+            "python": platform.python_version(),
+            "server_core": SERVER_CPU,
+            "loadgen_core": LOADGEN_CPU,
+        }
+    }
     kinds = ["bare", "ours", "peerjs"]
     if "relay" in only:
         big = (2, 2) if q else (50, 4)
@@ -335,35 +358,79 @@ def per_round(r: dict[str, Any], spec: str, each: str = "{:.2f}") -> str:
 
 
 def render(R: dict[str, Any], quick: bool) -> str:
-    lines = [f"machine: {R['machine']}", "", "| figure | signaling_trio | bare trio-websocket | PeerJS | ratio |", "|---|---|---|---|---|"]
+    lines = [
+        f"machine: {R['machine']}",
+        "",
+        "| figure | signaling_trio | bare trio-websocket | PeerJS | ratio |",
+        "|---|---|---|---|---|",
+    ]
 
     def row(name: str, ours: Any, bare: Any, peer: Any, ratio: str = "") -> None:
         lines.append(f"| {name} | {ours} | {bare} | {peer} | {ratio} |")
 
     if "relay_ours" in R:
         o, b, p = R["relay_ours"], R["relay_bare"], R["relay_peerjs"]
-        row("relay 50x4 delivered msgs/s" if not quick else "relay 2x2 msgs/s", fmt(o["msgs_per_s"]), fmt(b["msgs_per_s"]), fmt(p["msgs_per_s"]),
-            per_round(R["ratio_relay"], "{:.2f} x bare"))
-        row("  server / loadgen CPU %", f"{fmt(o['server_cpu_pct'])} / {fmt(o['loadgen_cpu_pct'])}",
-            f"{fmt(b['server_cpu_pct'])} / {fmt(b['loadgen_cpu_pct'])}", f"{fmt(p['server_cpu_pct'])} / {fmt(p['loadgen_cpu_pct'])}")
+        row(
+            "relay 50x4 delivered msgs/s" if not quick else "relay 2x2 msgs/s",
+            fmt(o["msgs_per_s"]),
+            fmt(b["msgs_per_s"]),
+            fmt(p["msgs_per_s"]),
+            per_round(R["ratio_relay"], "{:.2f} x bare"),
+        )
+        row(
+            "  server / loadgen CPU %",
+            f"{fmt(o['server_cpu_pct'])} / {fmt(o['loadgen_cpu_pct'])}",
+            f"{fmt(b['server_cpu_pct'])} / {fmt(b['loadgen_cpu_pct'])}",
+            f"{fmt(p['server_cpu_pct'])} / {fmt(p['loadgen_cpu_pct'])}",
+        )
         o, b, p = R["rtt_ours"], R["rtt_bare"], R["rtt_peerjs"]
-        row("relay 1x1 RTT p50 ms", fmt(o["rtt_p50_ms"], ".3f"), fmt(b["rtt_p50_ms"], ".3f"), fmt(p["rtt_p50_ms"], ".3f"),
-            per_round(R["ratio_rtt"], "{:.2f} x bare"))
+        row(
+            "relay 1x1 RTT p50 ms",
+            fmt(o["rtt_p50_ms"], ".3f"),
+            fmt(b["rtt_p50_ms"], ".3f"),
+            fmt(p["rtt_p50_ms"], ".3f"),
+            per_round(R["ratio_rtt"], "{:.2f} x bare"),
+        )
     if "capacity_ours" in R:
         o, b, p = R["capacity_ours"], R["capacity_bare"], R["capacity_peerjs"]
-        row(f"RSS per idle registered peer KB ({o['count']:,} held)", fmt(o["rss_per_peer_kb"], ".1f"), fmt(b["rss_per_peer_kb"], ".1f"), fmt(p["rss_per_peer_kb"], ".1f"),
-            per_round(R["diff_rss"], "bare {:+.1f} KB", "{:+.1f}"))
-        row("server CPU per connect+register ms", fmt(o["server_cpu_ms_per_connect"], ".3f"), fmt(b["server_cpu_ms_per_connect"], ".3f"),
-            fmt(p["server_cpu_ms_per_connect"], ".3f"))
+        row(
+            f"RSS per idle registered peer KB ({o['count']:,} held)",
+            fmt(o["rss_per_peer_kb"], ".1f"),
+            fmt(b["rss_per_peer_kb"], ".1f"),
+            fmt(p["rss_per_peer_kb"], ".1f"),
+            per_round(R["diff_rss"], "bare {:+.1f} KB", "{:+.1f}"),
+        )
+        row(
+            "server CPU per connect+register ms",
+            fmt(o["server_cpu_ms_per_connect"], ".3f"),
+            fmt(b["server_cpu_ms_per_connect"], ".3f"),
+            fmt(p["server_cpu_ms_per_connect"], ".3f"),
+        )
     for key, value in R.items():
         if key.startswith("discover_"):
-            row(f"{key} server CPU ms/request (matched {value['matched']:.0f}, {value['per_s']:,.0f} req/s)", fmt(value["server_cpu_ms_per_request"], ".3f"), "", "")
+            row(
+                f"{key} server CPU ms/request (matched {value['matched']:.0f}, {value['per_s']:,.0f} req/s)",
+                fmt(value["server_cpu_ms_per_request"], ".3f"),
+                "",
+                "",
+            )
     if "presence" in R:
         v = R["presence"]
-        row(f"presence events/s (CPU {v['server_cpu_us_per_event']:.1f} us/event, lag p50 {fmt(v['lag_p50_ms'], '.2f')} ms)", fmt(v["events_per_s"]), "", "")
+        row(
+            f"presence events/s (CPU {v['server_cpu_us_per_event']:.1f} us/event, "
+            f"lag p50 {fmt(v['lag_p50_ms'], '.2f')} ms)",
+            fmt(v["events_per_s"]),
+            "",
+            "",
+        )
     if "scale" in R:
         v = R["scale"]
-        row(f"{v['count']:,} registered peers: RSS MB, probe RTT p99 ms", f"{v['rss_mb']:.0f} MB, {fmt(v.get('probe_rtt_p99_ms'), '.2f')} ms", "", "")
+        row(
+            f"{v['count']:,} registered peers: RSS MB, probe RTT p99 ms",
+            f"{v['rss_mb']:.0f} MB, {fmt(v.get('probe_rtt_p99_ms'), '.2f')} ms",
+            "",
+            "",
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -149,7 +149,9 @@ async def ask(ws: Any, msg: dict[str, Any], expect: str, tally: Tally, check: An
     raise Unanswered(msg["type"])
 
 
-async def churner(n: int, rooms: list[dict[str, Any]], servers: list[Server], end: float, tally: Tally, seed: int) -> None:
+async def churner(
+    n: int, rooms: list[dict[str, Any]], servers: list[Server], end: float, tally: Tally, seed: int
+) -> None:
     rng = random.Random(seed)
     while trio.current_time() < end:
         live = [s for s in servers if s.alive()]
@@ -191,7 +193,9 @@ async def session(ws: Any, room: dict[str, Any], peer_id: str, rng: random.Rando
                       check=lambda a, i=i: a["metadata"]["properties"]["n"] == i)
         elif roll < 0.6:
             target = rng.choice(room["stable"])
-            got = await ask(ws, {"type": "reserve_peer", "to_peer_id": target, "duration_sec": 5}, "reservation_granted", tally)
+            got = await ask(
+                ws, {"type": "reserve_peer", "to_peer_id": target, "duration_sec": 5}, "reservation_granted", tally
+            )
             if got["type"] != "error":
                 await ask(ws, {"type": "release_peer", "to_peer_id": target}, "reservation_released", tally)
         elif roll < 0.65:
@@ -287,9 +291,23 @@ class Redis:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
-        self.proc = subprocess.Popen(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.dir,
-                                      "--appendonly", "yes", "--save", ""],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                self.dir,
+                "--appendonly",
+                "yes",
+                "--save",
+                "",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         wait_port(self.port, self.proc)
 
     def stop(self) -> None:
@@ -374,7 +392,10 @@ def render(results: dict[str, Any], cfg: argparse.Namespace) -> str:
             lines += ["- faults: " + "; ".join(r["faults"]), ""]
         if r["wrong_answers"]:
             lines += ["- wrong answers: " + "; ".join(r["wrong_answers"]), ""]
-        lines += ["| server | RSS before -> during max -> after (KB) | fds before -> after | gauges after |", "|---|---|---|---|"]
+        lines += [
+            "| server | RSS before -> during max -> after (KB) | fds before -> after | gauges after |",
+            "|---|---|---|---|",
+        ]
         for i, (b, a) in enumerate(zip(r["before"], r["after"], strict=True)):
             peak = max((s["servers"][i].get("rss_kb", 0) for s in r["samples"]), default=0)
             gauges = {g: a.get(g) for g in GAUGES}

@@ -56,7 +56,9 @@ class FakeIssuer:
             status = 200
         else:
             body, status = b"{}", 404
-        await send({"type": "http.response.start", "status": status, "headers": [(b"content-type", b"application/json")]})
+        await send(
+            {"type": "http.response.start", "status": status, "headers": [(b"content-type", b"application/json")]}
+        )
         await send({"type": "http.response.body", "body": body})
 
     async def up(self) -> None:

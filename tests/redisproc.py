@@ -35,9 +35,16 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
-        persist = ["--appendonly", "yes", "--appendfsync", "always", "--dir", self.data_dir] if self.data_dir else ["--appendonly", "no"]
-        self.proc = subprocess.Popen([self.exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", *persist],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        persist = (
+            ["--appendonly", "yes", "--appendfsync", "always", "--dir", self.data_dir]
+            if self.data_dir
+            else ["--appendonly", "no"]
+        )
+        self.proc = subprocess.Popen(
+            [self.exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", *persist],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             try:

@@ -32,8 +32,17 @@ async def quick_run(script: str, tmp_path, needs: tuple[str, ...]) -> None:
 async def test_every_scenario_runs(tmp_path):
     await quick_run("run.py", tmp_path, ("node", "npm"))
     table = (tmp_path / "latest.md").read_text()
-    for row in ("relay 2x2 msgs/s", "relay 1x1 RTT p50 ms", "RSS per idle registered peer", "server CPU per connect+register",
-                "discover_100_broad_1", "discover_100_broad_4", "discover_100_selective", "discover_200_selective", "presence events/s"):
+    for row in (
+        "relay 2x2 msgs/s",
+        "relay 1x1 RTT p50 ms",
+        "RSS per idle registered peer",
+        "server CPU per connect+register",
+        "discover_100_broad_1",
+        "discover_100_broad_4",
+        "discover_100_selective",
+        "discover_200_selective",
+        "presence events/s",
+    ):
         assert row in table, row
     assert "n/a" not in table.split("\n", 3)[3]  # every figure was measured
 

@@ -19,7 +19,9 @@ async def test_fifty_clients_race_for_one_worker(server, room):
             await register(c, room, f"client-{i}", role="client")
         # every client saw the worker available...
         for c in clients:
-            assert (await c.request({"type": "discover_peers", "filters": {"role": "worker", "unreserved": True}}))["count"] == 1
+            assert (await c.request({"type": "discover_peers", "filters": {"role": "worker", "unreserved": True}}))[
+                "count"
+            ] == 1
         winners, losers = await race_to_reserve(clients, "worker")
         assert len(winners) == 1
         assert len(losers) == 49 and {r["code"] for r in losers} <= {"PEER_RESERVED", "PRECONDITION_FAILED"}
@@ -36,21 +38,30 @@ async def test_release_by_holder_and_by_disconnect(server, room):
         await register(c1, room, "c1")
         async with ws_peer(server.ws_url) as c2:
             await register(c2, room, "c2")
-            assert (await c2.request({"type": "reserve_peer", "to_peer_id": "w", "duration_sec": 100}))["type"] == "reservation_granted"
+            assert (await c2.request({"type": "reserve_peer", "to_peer_id": "w", "duration_sec": 100}))[
+                "type"
+            ] == "reservation_granted"
             assert (await w.recv())["type"] == "peer_reserved"
             err = await c1.request({"type": "release_peer", "to_peer_id": "w"})
             assert err["code"] == "PRECONDITION_FAILED"
         assert await w.recv() == {"type": "peer_released", "by": "c2", "reason": "holder_left"}
-        assert (await c1.request({"type": "reserve_peer", "to_peer_id": "w", "duration_sec": 100}))["type"] == "reservation_granted"
+        assert (await c1.request({"type": "reserve_peer", "to_peer_id": "w", "duration_sec": 100}))[
+            "type"
+        ] == "reservation_granted"
         await w.recv()
-        assert await c1.request({"type": "release_peer", "to_peer_id": "w"}) == {"type": "reservation_released", "peer_id": "w"}
+        assert await c1.request({"type": "release_peer", "to_peer_id": "w"}) == {
+            "type": "reservation_released",
+            "peer_id": "w",
+        }
         assert await w.recv() == {"type": "peer_released", "by": "c1", "reason": "released"}
 
 
 async def test_subscription_order_under_concurrent_changes(server, room):
     async with ws_peer(server.ws_url) as watcher:
         await register(watcher, room, "watcher", role="client")
-        reply = await watcher.request({"type": "subscribe", "filters": {"role": "worker", "properties": {"status": "available"}}})
+        reply = await watcher.request(
+            {"type": "subscribe", "filters": {"role": "worker", "properties": {"status": "available"}}}
+        )
         assert reply["type"] == "subscribed" and reply["peers"] == []
 
         async def worker_life(i: int) -> None:

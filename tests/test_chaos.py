@@ -35,7 +35,9 @@ async def test_chaos_leaves_no_ghosts(caplog):
                         for k in range(rng.randrange(1, 6)):
                             await p.send({"type": "peer_message", "to_peer_id": "observer", "payload": k})
                             await p.send({"type": "update_metadata", "metadata": {"properties": {"k": k}}})
-                            await p.send({"type": "reserve_peer", "to_peer_id": f"p{rng.randrange(8)}", "duration_sec": 5})
+                            await p.send(
+                                {"type": "reserve_peer", "to_peer_id": f"p{rng.randrange(8)}", "duration_sec": 5}
+                            )
                         await p.send({"type": "discover_peers"})
                     except ConnectionClosed as exc:
                         assert exc.reason.code == 4000
@@ -45,7 +47,9 @@ async def test_chaos_leaves_no_ghosts(caplog):
                 reg = json.dumps({"type": "register", "peer_id": f"k{i}", "room_id": room["room_id"],
                                   "token": room["token"], "id_token": room["id_token"]}).encode()
                 await stream.send_all(frame(0x1, reg))
-                whole = frame(0x1, json.dumps({"type": "peer_message", "to_peer_id": "observer", "payload": "x" * 3000}).encode())
+                whole = frame(
+                    0x1, json.dumps({"type": "peer_message", "to_peer_id": "observer", "payload": "x" * 3000}).encode()
+                )
                 await stream.send_all(whole[: len(whole) // 2])  # then die mid-frame
                 await stream.aclose()
 
@@ -60,7 +64,14 @@ async def test_chaos_leaves_no_ghosts(caplog):
 
             async def garbage(i: int) -> None:
                 async with ws_peer(srv.ws_url) as p:
-                    for raw in ("{", "[]", '{"type": 1}', '{"type":"register"}', "\u0000", '{"type":"subscribe","filters":{"properties":{"a":{"$x":1}}}}'):
+                    for raw in (
+                        "{",
+                        "[]",
+                        '{"type": 1}',
+                        '{"type":"register"}',
+                        "\u0000",
+                        '{"type":"subscribe","filters":{"properties":{"a":{"$x":1}}}}',
+                    ):
                         await p.send(raw)
 
             async with trio.open_nursery() as n:

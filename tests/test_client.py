@@ -16,7 +16,12 @@ async def test_discover_and_message(signaling_client_factory):
     assert [p["peer_id"] for p in peers] == [worker.peer_id]
     await client.send_peer_message(worker.peer_id, {"job": 1})
     msg = await worker.receive()
-    assert msg == {"type": "peer_message", "from_peer_id": client.peer_id, "to_peer_id": worker.peer_id, "payload": {"job": 1}}
+    assert msg == {
+        "type": "peer_message",
+        "from_peer_id": client.peer_id,
+        "to_peer_id": worker.peer_id,
+        "payload": {"job": 1},
+    }
     merged = await worker.update_metadata({"properties": {"status": "busy"}})
     assert merged == {"tags": ["gpu"], "properties": {"mem": 24, "status": "busy"}}
 

@@ -19,7 +19,11 @@ class P:
         self.reserved_by = reserved_by
 
 
-W = P("worker", ["gpu", "training"], {"mem": 16384, "status": "available", "model": "A100", "ok": True, "n": None, "ver": "1.4"})
+W = P(
+    "worker",
+    ["gpu", "training"],
+    {"mem": 16384, "status": "available", "model": "A100", "ok": True, "n": None, "ver": "1.4"},
+)
 
 CASES = [
     ({}, True),
@@ -117,12 +121,60 @@ def test_plain_object_value_is_equality():
 
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=5)
-    | st.sampled_from(["$eq", "$ne", "$gt", "$gte", "$lt", "$lte", "$in", "$nin", "$exists", "$bad", "role", "tags", "tags_all", "properties", "unreserved"]),
-    lambda children: st.lists(children, max_size=4) | st.dictionaries(
-        st.sampled_from(["$eq", "$ne", "$gt", "$gte", "$lt", "$lte", "$in", "$nin", "$exists", "$zz", "role", "tags", "tags_all",
-                         "properties", "unreserved", "mem", "status", "x"]) | st.text(max_size=4),
-        children, max_size=4),
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False)
+    | st.text(max_size=5)
+    | st.sampled_from(
+        [
+            "$eq",
+            "$ne",
+            "$gt",
+            "$gte",
+            "$lt",
+            "$lte",
+            "$in",
+            "$nin",
+            "$exists",
+            "$bad",
+            "role",
+            "tags",
+            "tags_all",
+            "properties",
+            "unreserved",
+        ]
+    ),
+    lambda children: (
+        st.lists(children, max_size=4)
+        | st.dictionaries(
+            st.sampled_from(
+                [
+                    "$eq",
+                    "$ne",
+                    "$gt",
+                    "$gte",
+                    "$lt",
+                    "$lte",
+                    "$in",
+                    "$nin",
+                    "$exists",
+                    "$zz",
+                    "role",
+                    "tags",
+                    "tags_all",
+                    "properties",
+                    "unreserved",
+                    "mem",
+                    "status",
+                    "x",
+                ]
+            )
+            | st.text(max_size=4),
+            children,
+            max_size=4,
+        )
+    ),
     max_leaves=20,
 )
 peers = st.builds(

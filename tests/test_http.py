@@ -25,7 +25,15 @@ async def test_health(server):
 async def test_metrics_v2_names_and_counts(server, room):
     status, m = await server.http("GET", "/metrics")
     assert status == 200
-    for name in ("timestamp", "active_rooms", "active_connections", "peers_by_role", "total_connections", "total_messages", "rooms_created"):
+    for name in (
+        "timestamp",
+        "active_rooms",
+        "active_connections",
+        "peers_by_role",
+        "total_connections",
+        "total_messages",
+        "rooms_created",
+    ):
         assert name in m
     assert m["rooms_created"] == 1 and m["active_rooms"] == 0
     async with ws_peer(server.ws_url) as a, ws_peer(server.ws_url) as b:
@@ -69,7 +77,9 @@ async def test_create_room_expired_id_token(server):
 
 
 async def test_extend_room(server, room):
-    status, body = await server.http("POST", "/extend-room", {"room_id": room["room_id"], "ttl_sec": 100}, token=room["id_token"])
+    status, body = await server.http(
+        "POST", "/extend-room", {"room_id": room["room_id"], "ttl_sec": 100}, token=room["id_token"]
+    )
     assert status == 200 and body["room_id"] == room["room_id"] and abs(body["expires_at"] - time.time() - 100) < 5
     # a peer registered in the room may extend it; a stranger may not
     peer = await server.signin()
@@ -78,11 +88,15 @@ async def test_extend_room(server, room):
         await register(p, room, "p", id_token=peer["id_token"])
         status, body = await server.http("POST", "/extend-room", {"room_id": room["room_id"]}, token=peer["id_token"])
         assert status == 200 and abs(body["expires_at"] - time.time() - 7200) < 5
-        status, body = await server.http("POST", "/extend-room", {"room_id": room["room_id"]}, token=stranger["id_token"])
+        status, body = await server.http(
+            "POST", "/extend-room", {"room_id": room["room_id"]}, token=stranger["id_token"]
+        )
         assert status == 403
     status, body = await server.http("POST", "/extend-room", {"room_id": "nope"}, token=room["id_token"])
     assert status == 404 and body["error"] == "ROOM_NOT_FOUND"
-    status, body = await server.http("POST", "/extend-room", {"room_id": room["room_id"], "ttl_sec": -1}, token=room["id_token"])
+    status, body = await server.http(
+        "POST", "/extend-room", {"room_id": room["room_id"], "ttl_sec": -1}, token=room["id_token"]
+    )
     assert status == 400
     status, body = await server.http("POST", "/extend-room", {"room_id": room["room_id"]})
     assert status == 401

@@ -213,8 +213,9 @@ async def test_keep_alive_connections_idle_out(server):
     no idle timer after its first request and stayed open for good)."""
     port = port_of(server.http_url)
     with trio.fail_after(15):
-        answers, closed = await exchange(port, b"POST /anonymous-signin HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n",
-                                         timeout=12)
+        answers, closed = await exchange(
+            port, b"POST /anonymous-signin HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n", timeout=12
+        )
     assert closed and [a.status for a in answers] == [200]
 
 
@@ -285,12 +286,40 @@ def malformed_requests(rng, n: int) -> list[tuple[bytes, ...]]:
     methods = [b"GET", b"POST", b"PUT", b"DELETE", b"G\x00T", b"", b"POST POST", b"\xff\xfe"]
     paths = [b"/health", b"/create-room", b"/extend-room", b"/delete-peers-and-room", b"/anonymous-signin",
              b"/metrics", b"*", b"", b"/%zz", b"/" + b"a" * 9000, b"http://x/health", b"/\r/", b"/?" + b"&" * 500]
-    versions = [b"HTTP/1.1", b"HTTP/1.0", b"HTTP/1.2", b"HTTP/2.0", b"HTTP/9.9", b"HTTP/1.1x", b"http/1.1", b"", b"HTTP/"]
-    headers = [b"Host: x", b"Content-Length: 5", b"Content-Length: -1", b"Content-Length: 99999999999999999999",
-               b"Content-Length: 3, 4", b"Transfer-Encoding: chunked", b"Transfer-Encoding: gzip, chunked",
-               b"Transfer-Encoding: identity", b"Expect: 100-continue", b"Connection: close", b"Connection: upgrade",
-               b"Upgrade: h2c", b"Upgrade: websocket", b"X: \x00", b"Bad Header: 1", b": empty", b"X-Long: " + b"y" * 20000,
-               b"Authorization: Bearer x.y.z", b"Content-Type: application/json", b" folded: 1", b"Host: a\rb"]
+    versions = [
+        b"HTTP/1.1",
+        b"HTTP/1.0",
+        b"HTTP/1.2",
+        b"HTTP/2.0",
+        b"HTTP/9.9",
+        b"HTTP/1.1x",
+        b"http/1.1",
+        b"",
+        b"HTTP/",
+    ]
+    headers = [
+        b"Host: x",
+        b"Content-Length: 5",
+        b"Content-Length: -1",
+        b"Content-Length: 99999999999999999999",
+        b"Content-Length: 3, 4",
+        b"Transfer-Encoding: chunked",
+        b"Transfer-Encoding: gzip, chunked",
+        b"Transfer-Encoding: identity",
+        b"Expect: 100-continue",
+        b"Connection: close",
+        b"Connection: upgrade",
+        b"Upgrade: h2c",
+        b"Upgrade: websocket",
+        b"X: \x00",
+        b"Bad Header: 1",
+        b": empty",
+        b"X-Long: " + b"y" * 20000,
+        b"Authorization: Bearer x.y.z",
+        b"Content-Type: application/json",
+        b" folded: 1",
+        b"Host: a\rb",
+    ]
     bodies = [b"", b"{}", b"{", b"zz\r\n", b"5\r\nhello\r\n0\r\n\r\n", b"0\r\n\r\n", b"3\r\nab", b"\xff" * 10,
               b"ffffffffffffffff\r\n", b"1;ext=\x01\r\na\r\n0\r\n\r\n", b'{"peer_id": "x"}', b"\r\n\r\n\r\n"]
     out = []

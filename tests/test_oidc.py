@@ -51,9 +51,15 @@ async def test_rejections(oidc_server, issuer):
         "expired": issuer.token(exp=now - 3600),
         "not yet valid": issuer.token(nbf=now + 3600),
         "no sub": issuer.token(sub=None),
-        "alg none": _unsigned({"alg": "none", "kid": issuer.keys[-1].kid}, {"iss": issuer.url, "aud": "client-app", "sub": "x", "exp": now + 600}),
-        "HS256 with the public key": _hs256_with(public_pem, {"alg": "HS256", "kid": issuer.keys[-1].kid},
-                                                 {"iss": issuer.url, "aud": "client-app", "sub": "x", "exp": now + 600}),
+        "alg none": _unsigned(
+            {"alg": "none", "kid": issuer.keys[-1].kid},
+            {"iss": issuer.url, "aud": "client-app", "sub": "x", "exp": now + 600},
+        ),
+        "HS256 with the public key": _hs256_with(
+            public_pem,
+            {"alg": "HS256", "kid": issuer.keys[-1].kid},
+            {"iss": issuer.url, "aud": "client-app", "sub": "x", "exp": now + 600},
+        ),
         "garbage": "not.a.jwt",
     }
     for why, token in bad.items():

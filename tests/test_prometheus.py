@@ -51,7 +51,8 @@ async def test_prometheus_text_and_openmetrics(server, room):
         assert ("signaling_room_inbox_depth_max", ()) in s
         assert ("signaling_rooms_created_total", ()) in s
 
-        prom = "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1"
+        prom = ("application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,"
+                "text/plain;version=0.0.4;q=0.5,*/*;q=0.1")
         status, hdrs, body = await server.http_raw("GET", "/metrics", {"Accept": prom})
         assert hdrs["content-type"].startswith("application/openmetrics-text")
         om = samples(body.decode(), parse_openmetrics)

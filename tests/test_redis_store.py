@@ -19,11 +19,15 @@ async def test_two_instances_share_rooms_and_tokens(redis):
         room = await a.new_room()  # id_token signed by a, room stored by a
         async with ws_peer(b.ws_url) as p:
             assert (await register(p, room, "on-b"))["type"] == "registered_auth"
-        status, body = await b.http("POST", "/extend-room", {"room_id": room["room_id"], "ttl_sec": 60}, token=room["id_token"])
+        status, body = await b.http(
+            "POST", "/extend-room", {"room_id": room["room_id"], "ttl_sec": 60}, token=room["id_token"]
+        )
         assert status == 200
         rec = await a.server.store.get_room(room["room_id"])
         assert abs(rec.expires_at - body["expires_at"]) < 1
-        status, _ = await a.http("POST", "/delete-peers-and-room", {"peer_id": "x", "room_id": room["room_id"]}, token=room["id_token"])
+        status, _ = await a.http(
+            "POST", "/delete-peers-and-room", {"peer_id": "x", "room_id": room["room_id"]}, token=room["id_token"]
+        )
         assert status == 200
         async with ws_peer(b.ws_url) as p:
             assert (await register(p, room, "late"))["code"] == "ROOM_NOT_FOUND"
@@ -58,7 +62,10 @@ async def test_redis_down_then_back(redis):
             with trio.fail_after(10):
                 while (await srv.http("GET", "/health"))[0] != 200:
                     await trio.sleep(0.1)
-            room2 = {**(await srv.http("POST", "/create-room", token=room["id_token"]))[1], "id_token": room["id_token"]}
+            room2 = {
+                **(await srv.http("POST", "/create-room", token=room["id_token"]))[1],
+                "id_token": room["id_token"],
+            }
             async with ws_peer(srv.ws_url) as c:
                 assert (await register(c, room2, "c"))["type"] == "registered_auth"
 

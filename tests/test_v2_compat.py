@@ -35,15 +35,22 @@ async def v2_session(ws_url: str, http_url: str) -> list[str]:
     w_auth = await asyncio.to_thread(post, http_url, "/anonymous-signin")
     room = await asyncio.to_thread(post, http_url, "/create-room", None, w_auth["id_token"])
     worker_id = w_auth["username"]
-    worker_meta = {"tags": ["sleap-rtc", "training-worker"],
-                   "properties": {"gpu_memory_mb": 16384, "gpu_model": "A100", "status": "available", "sleap_version": "1.4.1"}}
+    worker_meta = {
+        "tags": ["sleap-rtc", "training-worker"],
+        "properties": {"gpu_memory_mb": 16384, "gpu_model": "A100", "status": "available", "sleap_version": "1.4.1"},
+    }
     async with websockets.connect(ws_url) as worker_ws, websockets.connect(ws_url) as client_ws:
         await worker_ws.send(json.dumps({
             "type": "register", "peer_id": worker_id, "room_id": room["room_id"], "token": room["token"],
             "id_token": w_auth["id_token"], "role": "worker", "metadata": worker_meta,
         }))
         reg = await recv(worker_ws)
-        assert reg == {"type": "registered_auth", "room_id": room["room_id"], "token": room["token"], "peer_id": worker_id}
+        assert reg == {
+            "type": "registered_auth",
+            "room_id": room["room_id"],
+            "token": room["token"],
+            "peer_id": worker_id,
+        }
         log.append("worker registered")
 
         # --- client: its own identity, same room credentials (shared out of band)
@@ -88,14 +95,26 @@ async def v2_session(ws_url: str, http_url: str) -> list[str]:
         log.append("job accepted")
 
         # WebRTC signalling, v2 shape: sender/target set by the client itself
-        await client_ws.send(json.dumps({"type": "offer", "sender": client_id, "target": worker_id, "sdp": "v=0 offer"}))
+        await client_ws.send(
+            json.dumps({"type": "offer", "sender": client_id, "target": worker_id, "sdp": "v=0 offer"})
+        )
         offer = await recv(worker_ws)
         assert offer == {"type": "offer", "sender": client_id, "target": worker_id, "sdp": "v=0 offer"}
-        await worker_ws.send(json.dumps({"type": "answer", "sender": worker_id, "target": client_id, "sdp": "v=0 answer"}))
+        await worker_ws.send(
+            json.dumps({"type": "answer", "sender": worker_id, "target": client_id, "sdp": "v=0 answer"})
+        )
         assert (await recv(client_ws))["sdp"] == "v=0 answer"
         for i in range(3):
-            await client_ws.send(json.dumps({"type": "candidate", "sender": client_id, "target": worker_id,
-                                             "candidate": {"candidate": f"candidate:{i}", "sdpMid": "0", "sdpMLineIndex": 0}}))
+            await client_ws.send(
+                json.dumps(
+                    {
+                        "type": "candidate",
+                        "sender": client_id,
+                        "target": worker_id,
+                        "candidate": {"candidate": f"candidate:{i}", "sdpMid": "0", "sdpMLineIndex": 0},
+                    }
+                )
+            )
             assert (await recv(worker_ws))["candidate"]["candidate"] == f"candidate:{i}"
         log.append("webrtc signalled")
 

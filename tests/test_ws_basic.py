@@ -11,7 +11,12 @@ from conftest import register, ws_peer
 async def test_register_answers_registered_auth(server, room):
     async with ws_peer(server.ws_url) as w:
         reply = await register(w, room, "Worker-1", role="worker", metadata={"tags": ["gpu"]})
-        assert reply == {"type": "registered_auth", "room_id": room["room_id"], "token": room["token"], "peer_id": "Worker-1"}
+        assert reply == {
+            "type": "registered_auth",
+            "room_id": room["room_id"],
+            "token": room["token"],
+            "peer_id": "Worker-1",
+        }
 
 
 async def test_register_defaults_role_and_metadata(server, room):
@@ -29,8 +34,20 @@ async def test_register_defaults_role_and_metadata(server, room):
 
 async def test_discover_v2_filters(server, room):
     async with ws_peer(server.ws_url) as w1, ws_peer(server.ws_url) as w2, ws_peer(server.ws_url) as c:
-        await register(w1, room, "w1", role="worker", metadata={"tags": ["gpu", "training"], "properties": {"gpu_memory_mb": 16384, "status": "available"}})
-        await register(w2, room, "w2", role="worker", metadata={"tags": ["inference"], "properties": {"gpu_memory_mb": 8192, "status": "busy"}})
+        await register(
+            w1,
+            room,
+            "w1",
+            role="worker",
+            metadata={"tags": ["gpu", "training"], "properties": {"gpu_memory_mb": 16384, "status": "available"}},
+        )
+        await register(
+            w2,
+            room,
+            "w2",
+            role="worker",
+            metadata={"tags": ["inference"], "properties": {"gpu_memory_mb": 8192, "status": "busy"}},
+        )
         await register(c, room, "c", role="client")
 
         async def ids(filters):
@@ -51,8 +68,20 @@ async def test_discover_v2_filters(server, room):
 
 async def test_update_metadata_merges(server, room):
     async with ws_peer(server.ws_url) as w:
-        await register(w, room, "w", role="worker", metadata={"tags": ["a", "b"], "properties": {"status": "available", "gpu": 1}, "name": "x"})
-        reply = await w.request({"type": "update_metadata", "peer_id": "w", "metadata": {"tags": ["c", "a"], "properties": {"status": "busy", "gpu": None, "job": "j1"}}})
+        await register(
+            w,
+            room,
+            "w",
+            role="worker",
+            metadata={"tags": ["a", "b"], "properties": {"status": "available", "gpu": 1}, "name": "x"},
+        )
+        reply = await w.request(
+            {
+                "type": "update_metadata",
+                "peer_id": "w",
+                "metadata": {"tags": ["c", "a"], "properties": {"status": "busy", "gpu": None, "job": "j1"}},
+            }
+        )
         assert reply == {
             "type": "metadata_updated", "peer_id": "w",
             "metadata": {"tags": ["a", "b", "c"], "properties": {"status": "busy", "job": "j1"}, "name": "x"},
@@ -80,7 +109,11 @@ async def test_signalling_relayed_as_sent(server, room, mtype):
     async with ws_peer(server.ws_url) as a, ws_peer(server.ws_url) as b:
         await register(a, room, "a")
         await register(b, room, "b")
-        raw = '{"type": "%s", "sender": "a", "target": "b", "sdp": "v=0\\r\\no=- 1 2 IN IP4 127.0.0.1", "extra": {"k": 1}}' % mtype
+        raw = (
+            '{"type": "%s", "sender": "a", "target": "b", "sdp": "v=0\\r\\no=- 1 2 IN IP4 127.0.0.1", '
+            '"extra": {"k": 1}}'
+            % mtype
+        )
         await a.send(raw)
         assert await b.ws.get_message() == raw  # byte for byte when nothing changes
         await a.send({"type": mtype, "target": "b", "candidate": {"candidate": "c", "sdpMid": "0"}})

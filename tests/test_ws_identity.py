@@ -39,7 +39,9 @@ async def test_reregister_same_socket_replaces_role_and_metadata(server, room):
         for status in ("available", "busy", "available"):
             reply = await register(w, room, "w", role="worker", metadata={"properties": {"status": status}})
             assert reply["type"] == "registered_auth"
-            peers = (await c.request({"type": "discover_peers", "filters": {"properties": {"status": "available"}}}))["peers"]
+            peers = (await c.request({"type": "discover_peers", "filters": {"properties": {"status": "available"}}}))[
+                "peers"
+            ]
             assert [p["peer_id"] for p in peers] == (["w"] if status == "available" else [])
             if peers:
                 assert peers[0]["metadata"] == {"properties": {"status": "available"}}
@@ -133,7 +135,13 @@ async def test_expired_id_token_reregister_on_same_socket(server, room):
     ],
 )
 async def test_register_errors_carry_reason(server, room, change, code):
-    msg = {"type": "register", "peer_id": "p", "room_id": room["room_id"], "token": room["token"], "id_token": room["id_token"]}
+    msg = {
+        "type": "register",
+        "peer_id": "p",
+        "room_id": room["room_id"],
+        "token": room["token"],
+        "id_token": room["id_token"],
+    }
     msg.update(change)
     msg = {k: v for k, v in msg.items() if v is not None}
     async with ws_peer(server.ws_url) as p:

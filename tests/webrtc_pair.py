@@ -39,7 +39,9 @@ async def recv(ws) -> dict:
 
 
 async def register(ws, peer_id: str) -> None:
-    await ws.send(json.dumps({"type": "register", "peer_id": peer_id, "room_id": ROOM, "token": TOKEN, "id_token": ID_TOKEN}))
+    await ws.send(
+        json.dumps({"type": "register", "peer_id": peer_id, "room_id": ROOM, "token": TOKEN, "id_token": ID_TOKEN})
+    )
     assert (await recv(ws))["type"] == "registered_auth"
 
 
