@@ -1,4 +1,4 @@
-"""`signaling-trio serve` / `python -m signaling_trio serve`."""
+"""`signaling-trio serve` / `python -m signaling_trio serve`; `signaling-trio user token NAME`."""
 
 from __future__ import annotations
 
@@ -90,6 +90,11 @@ def tune_gc() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["user"]:  # `signaling-trio user token NAME`: no server involved
+        from ._usercli import main as user_main
+
+        return user_main(args[1:])
     try:
         settings = from_args(argv)
     except ConfigError as exc:

@@ -50,9 +50,13 @@ class Register:
     subject: str  # who the credential says the peer is (the JWT's `sub`)
     role: str
     metadata: dict[str, Any]
-    token: str  # the room token it registered with
+    token: str | None  # the room token it registered with (echoed in registered_auth)
     reply: Reply  # gets the peer id now bound, or None (the room sent the error itself)
     announce: bool = True  # False: a restore after the room moved (no registered_auth)
+    is_admin: bool = False  # a sleap-rtc worker claiming the room's admin role
+    # sleap-rtc registrations: what else registered_auth carries (ice_servers, ...);
+    # None for v1/v2 (their registered_auth stays as it was)
+    welcome: dict[str, Any] | None = None
 
 
 class AnswerHold(Protocol):
@@ -199,6 +203,7 @@ class RoomActor:
             fx = state.register(
                 cmd.conn, peer_id=cmd.peer_id, subject=cmd.subject, role=cmd.role,
                 metadata=cmd.metadata, token=cmd.token, now=now, announce=cmd.announce,
+                is_admin=cmd.is_admin, welcome=cmd.welcome,
             )
             self._apply(fx)
             bound = state.by_conn.get(cmd.conn)

@@ -208,13 +208,18 @@ class HttpApi:
 
     async def delete_peers_and_room(self) -> Any:
         data = await self.body()
-        peer_id = self.field(data, "peer_id")
+        room_id = self.optional_field(data, "room_id")
+        peer_id = self.field(data, "peer_id") if room_id is None else self.optional_field(data, "peer_id")
         claims = await self.bearer(required=False)
-        room_id = self.optional_field(data, "room_id") or await self.ctx.router.find_room(peer_id)
+        if room_id is None:
+            assert peer_id is not None
+            room_id = await self.ctx.router.find_room(peer_id)
         if room_id is None:
             return {"status": "peer not found"}
         record = await self.store_call(self.ctx.store.get_room, room_id)
         sub = claims["sub"] if claims else None
+        if peer_id is None and (record is None or sub != record.creator):
+            raise HttpError(403, "FORBIDDEN", "only the room's owner may delete a room by its id")
         if record is not None and sub is not None and sub == record.creator:
             await self.room_call(room_id, "kick", None, E.CLOSE_NORMAL, "room deleted")
             await self.store_call(self.ctx.store.delete_room, room_id)
@@ -227,6 +232,25 @@ class HttpApi:
                                 f"peer {peer_id} is still connected; only it or the room's creator may remove it")
             await self.room_call(room_id, "kick", peer_id, E.CLOSE_NORMAL, "peer deleted")
         return await self._after_peer_deleted(room_id, record)
+
+    async def delete_peer(self) -> Any:
+        """sleap-rtc programs, after closing their socket: always 200. A live peer is
+        disconnected only for a Bearer of its own identity."""
+        peer_id = self.field(await self.body(), "peer_id")
+        try:
+            claims = await self.bearer(required=False)
+        except HttpError:
+            claims = None
+        room_id = await self.ctx.router.find_room(peer_id)
+        if room_id is None:
+            return {"status": "peer not found"}
+        subject = await self.room_call(room_id, "peer_subject", peer_id)
+        if subject is None:
+            return {"status": "peer deleted"}
+        if claims is not None and claims["sub"] == subject:
+            await self.room_call(room_id, "kick", peer_id, E.CLOSE_NORMAL, "peer deleted")
+            return {"status": "peer deleted"}
+        return {"status": "peer still connected; it leaves when its socket closes"}
 
     async def _after_peer_deleted(self, room_id: str, record: RoomRecord | None) -> dict[str, str]:
         remaining = await self.room_call(room_id, "count") or 0
@@ -247,6 +271,7 @@ ROUTES: tuple[tuple[str, str, str], ...] = (
     ("POST", "/create-room", "create_room"),
     ("POST", "/extend-room", "extend_room"),
     ("POST", "/delete-peers-and-room", "delete_peers_and_room"),
+    ("POST", "/delete-peer", "delete_peer"),
 )
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import secrets
 import time
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Protocol
@@ -23,10 +24,12 @@ import trio
 from ._actors import PeerConnection, Register
 from ._log import event
 from ._router import RoomHandle, RoomRouter
+from .accounts import ACCOUNT_KEY_PREFIX, Accounts
 from .auth import AuthError, Verifier
+from .ice import IceConfig
 from .protocol import errors as E
-from .protocol.registration import Credential, RegisterRequest, RoomTokenCredential
-from .store import Store, StoreUnavailable, bounded
+from .protocol.registration import ApiKeyCredential, JwtCredential, RegisterRequest, RoomTokenCredential
+from .store import RoomRecord, Store, StoreUnavailable, bounded
 
 REPLY_TIMEOUT = 5.0  # a room (perhaps on another instance) answers a Register within this
 OPEN_ATTEMPTS = 3  # a room that retires between look-up and send is started again
@@ -48,6 +51,7 @@ class Registration:
     room: RoomHandle
     room_id: str
     peer_id: str
+    sleap_rtc: bool = False  # registered in today's sleap-rtc dialect (gets JSON pings)
 
 
 class Registrant(PeerConnection, Protocol):
@@ -65,26 +69,49 @@ def digest_of(secret: str) -> bytes:
     return hashlib.blake2b(secret.encode(), digest_size=16).digest()
 
 
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """What a credential admitted: who, to which room, and how registered_auth answers."""
+
+    identity: Identity
+    room_id: str
+    echo_token: str | None  # the room token registered_auth echoes (None when none was used)
+    sleap_rtc: bool  # today's sleap-rtc dialect: extended registered_auth, JSON pings
+
+
 class Registrar:
-    def __init__(self, verifier: Verifier, store: Store, router: RoomRouter) -> None:
+    def __init__(self, verifier: Verifier, store: Store, router: RoomRouter, accounts: Accounts,
+                 ice: IceConfig) -> None:
         self.verifier = verifier
         self.store = store
         self.router = router
-        self.admits: dict[type, Callable[[Registrant, RegisterRequest, Any], Awaitable[Identity]]] = {
+        self.accounts = accounts
+        self.ice = ice
+        # one entry per credential kind (protocol/registration.CREDENTIALS)
+        self.admits: dict[type, Callable[[Registrant, RegisterRequest, Any], Awaitable[Admission]]] = {
             RoomTokenCredential: self._room_token,
+            JwtCredential: self._jwt,
+            ApiKeyCredential: self._api_key,
         }
 
     async def register(self, conn: Registrant, req: RegisterRequest) -> Registration | None:
         """The peer's registration, or None when the room refused it (and told the peer
         why). ProtocolError for anything refused before the room."""
-        identity = await self._admit(conn, req, req.credential)
+        admission = await self.admits[type(req.credential)](conn, req, req.credential)
+        room_id, subject = admission.room_id, admission.identity.subject
         current = conn.registration
-        if current is not None and current.room_id != req.room_id:
+        if current is not None and current.room_id != room_id:
             await conn.leave_room()
+            current = None
+        peer_id = req.peer_id or (current.peer_id if current is not None else _new_peer_id(req.role))
+        welcome = None
+        if admission.sleap_rtc:
+            servers = self.ice.servers_for(subject)
+            welcome = {"ice_servers": servers, "mesh_ice_servers": servers}
         reply_send, reply_recv = trio.open_memory_channel[str | None](1)
-        cmd = Register(conn, req.peer_id, identity.subject, req.role, req.metadata,
-                       _room_token(req.credential), reply_send)
-        room = await self._hand_over(req.room_id, cmd)
+        cmd = Register(conn, peer_id, subject, req.role, req.metadata, admission.echo_token, reply_send,
+                       is_admin=req.is_admin, welcome=welcome)
+        room = await self._hand_over(room_id, cmd)
         bound = None
         with trio.move_on_after(REPLY_TIMEOUT) as waited:
             bound = await reply_recv.receive()
@@ -93,14 +120,10 @@ class Registrar:
             raise _unavailable("the room did not answer in time; try again")
         if bound is None:
             return None
-        conn.identity = identity
-        self.router.note_peer(bound, req.room_id)
-        event(logging.INFO, "register", conn=conn.id, peer_id=bound, room_id=req.room_id, role=req.role)
-        return Registration(room, req.room_id, bound)
-
-    async def _admit(self, conn: Registrant, req: RegisterRequest, credential: Credential) -> Identity:
-        check = self.admits[type(credential)]
-        return await check(conn, req, credential)
+        conn.identity = admission.identity
+        self.router.note_peer(bound, room_id)
+        event(logging.INFO, "register", conn=conn.id, peer_id=bound, room_id=room_id, role=req.role)
+        return Registration(room, room_id, bound, admission.sleap_rtc)
 
     async def _hand_over(self, room_id: str, cmd: Register) -> RoomHandle:
         for _attempt in range(OPEN_ATTEMPTS):
@@ -127,24 +150,68 @@ class Registrar:
             raise E.ProtocolError(E.INVALID_ID_TOKEN, str(exc)) from None
         return Identity(claims["sub"], digest)
 
-    async def _room_token(self, conn: Registrant, req: RegisterRequest, cred: RoomTokenCredential) -> Identity:
-        """v1/v2: a valid id_token, and the room's own token."""
-        identity = await self._jwt_identity(conn, cred.id_token)
-        try:
-            record = await bounded(self.store.get_room, req.room_id)
-        except StoreUnavailable:
-            raise _unavailable("the room store cannot be reached; try again") from None
+    async def _room(self, conn: Registrant, room_id: str, token: str | None = None) -> RoomRecord:
+        """The room's record: it exists, `token` (if given) is its token, and it has not
+        expired (unless the peer is in it)."""
+        record = await self._stored(self.store.get_room, room_id)
         if record is None:
-            raise E.ProtocolError(E.ROOM_NOT_FOUND, f"Room {req.room_id} not found")
-        if not record.token_matches(cred.token):
+            raise E.ProtocolError(E.ROOM_NOT_FOUND, f"Room {room_id} not found")
+        if token is not None and not record.token_matches(token):
             raise E.ProtocolError(E.INVALID_ROOM_TOKEN, "Invalid room token")
         current = conn.registration
-        already_here = current is not None and current.room_id == req.room_id
+        already_here = current is not None and current.room_id == room_id
         if record.expires_at <= time.time() and not already_here:
-            raise E.ProtocolError(E.ROOM_EXPIRED, f"Room {req.room_id} expired")
-        return identity
+            raise E.ProtocolError(E.ROOM_EXPIRED, f"Room {room_id} expired")
+        return record
+
+    @staticmethod
+    async def _stored(fn: Callable[..., Awaitable[Any]], *args: Any) -> Any:
+        try:
+            return await bounded(fn, *args)
+        except StoreUnavailable:
+            raise _unavailable("the room store cannot be reached; try again") from None
+
+    async def _room_token(self, conn: Registrant, req: RegisterRequest, cred: RoomTokenCredential) -> Admission:
+        """v1/v2: a valid id_token, and the room's own token."""
+        identity = await self._jwt_identity(conn, cred.id_token)
+        assert req.room_id is not None  # (required for this kind)
+        await self._room(conn, req.room_id, cred.token)
+        return Admission(identity, req.room_id, cred.token, sleap_rtc=False)
+
+    async def _jwt(self, conn: Registrant, req: RegisterRequest, cred: JwtCredential) -> Admission:
+        """sleap-rtc clients: a valid JWT of the room's owner or a member (or of anyone
+        who also gives the room's token)."""
+        identity = await self._jwt_identity(conn, cred.jwt)
+        assert req.room_id is not None
+        record = await self._room(conn, req.room_id)
+        role = await self._stored(self.accounts.role_in, record, identity.subject)
+        if role is None and not (cred.token is not None and record.token_matches(cred.token)):
+            raise E.ProtocolError(E.ROOM_ACCESS_DENIED, f"you are not a member of room {req.room_id}")
+        return Admission(identity, req.room_id, cred.token, sleap_rtc=True)
+
+    async def _api_key(self, conn: Registrant, req: RegisterRequest, cred: ApiKeyCredential) -> Admission:
+        """sleap-rtc workers: an account key admits its user to the rooms they own or
+        belong to; a worker token to its own room."""
+        digest = digest_of(cred.api_key)
+        if cred.api_key.startswith(ACCOUNT_KEY_PREFIX):
+            sub = await self._stored(self.accounts.account_key_owner, cred.api_key)
+            if sub is None:
+                raise E.ProtocolError(E.INVALID_API_KEY, "unknown or revoked account key")
+            if req.room_id is None:
+                raise E.ProtocolError(E.MISSING_FIELDS, "Missing required fields during registration: room_id")
+            room_id = req.room_id
+        else:
+            entry = await self._stored(self.accounts.worker_token, cred.api_key)
+            if entry is None:
+                raise E.ProtocolError(E.INVALID_API_KEY, "unknown, revoked or expired worker token")
+            sub, room_id = entry["sub"], entry["room_id"]
+            if req.room_id not in (None, room_id):
+                raise E.ProtocolError(E.ROOM_ACCESS_DENIED, "this worker token is for another room")
+        record = await self._room(conn, room_id)
+        if await self._stored(self.accounts.role_in, record, sub) is None:
+            raise E.ProtocolError(E.ROOM_ACCESS_DENIED, f"the key's owner is not a member of room {room_id}")
+        return Admission(Identity(sub, digest), room_id, None, sleap_rtc=True)
 
 
-def _room_token(credential: Credential) -> str:
-    """The token `registered_auth` echoes back (v1/v2 clients read it)."""
-    return credential.token
+def _new_peer_id(role: str) -> str:
+    return f"{role[:16]}-{secrets.token_hex(4)}"

@@ -78,6 +78,7 @@ class WsContext:
 _ids = itertools.count(1)
 
 PONG = '{"type":"pong"}'
+APP_PING = '{"type":"ping"}'
 WRITE_BATCH = 64
 WRITER_LINGER = 2.0  # seconds an idle writer task waits for more frames before it ends
 SWEEP_PERIOD = 1.0  # at most; shorter when a configured timeout is (see _sweep_period)
@@ -90,7 +91,7 @@ class Connection:
         "id", "ctx", "settings", "metrics", "ws", "_outbox", "_nursery", "_writer_token", "_parked",
         "_parked_at", "_send_since", "_pinging", "_register_by",
         "close_code", "close_reason", "registration", "identity",
-        "_bucket", "_rate_error_at", "_last_rx", "_overflowing",
+        "_bucket", "_rate_error_at", "_last_rx", "_overflowing", "_next_app_ping",
     )
 
     def __init__(self, ctx: WsContext, ws: WebSocketConnection) -> None:
@@ -118,6 +119,7 @@ class Connection:
         self._rate_error_at = -math.inf
         self._last_rx = trio.current_time()
         self._register_by = self._last_rx + self.settings.register_timeout
+        self._next_app_ping = self._last_rx + self.settings.app_ping_interval
         self._overflowing = False
 
     def __repr__(self) -> str:
@@ -241,6 +243,13 @@ class Connection:
             self.request_close(E.CLOSE_POLICY, "stalled reader")
             return True
         woke = False
+        registration = self.registration
+        if registration is not None and registration.sleap_rtc and now >= self._next_app_ping:
+            # sleap-rtc workers reconnect after 90 s without a JSON ping (WebSocket pings
+            # do not count for them); v1/v2 connections never get one
+            self._next_app_ping = now + settings.app_ping_interval
+            self.deliver(APP_PING)
+            woke = True
         if not self._pinging and now - self._last_rx >= settings.idle_ping_interval:
             self._pinging = True
             nursery.start_soon(self._ping)

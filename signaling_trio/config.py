@@ -48,6 +48,11 @@ class Settings:
     http_rate_limit: float = 600.0
     http_request_timeout: float = 10.0
     reuse_port: bool = False  # set for --workers' children (SIGNALING_REUSE_PORT=1)
+    app_ping_interval: float = 20.0
+    ice_servers: str = "[]"
+    turn_urls: str = ""
+    turn_secret: str | None = None
+    turn_ttl: int = 86400
 
     def with_changes(self, **changes: Any) -> "Settings":
         return validate(dataclasses.replace(self, **changes))
@@ -84,6 +89,11 @@ _OPTIONS: list[tuple[str, type, str]] = [
     ("http_rate_limit", float, "sign-ins and room creations per minute per client address (0 turns it off)"),
     ("http_request_timeout", float, "seconds an HTTP request's body may take to arrive"),
     ("workers", int, "processes sharing the ports (SO_REUSEPORT); more than 1 needs --store redis://"),
+    ("app_ping_interval", float, "seconds between JSON pings to sleap-rtc connections (at most 30)"),
+    ("ice_servers", str, "JSON list of RTCIceServer objects handed to sleap-rtc peers, or @FILE"),
+    ("turn_urls", str, "comma-separated turn: URLs of a TURN server with shared-secret auth"),
+    ("turn_secret", str, "that TURN server's static-auth-secret (coturn use-auth-secret)"),
+    ("turn_ttl", int, "seconds a TURN credential is valid"),
 ]
 
 _DEFAULTS = Settings()
@@ -100,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the server (WebSocket + HTTP) in one process")
+    # listed for --help; `signaling-trio user ...` is handled before these options (_usercli.py)
+    sub.add_parser("user", help="local users: `user token NAME` prints a JWT (see `signaling-trio user -h`)")
     for name, _type, help_ in _OPTIONS:
         default = getattr(_DEFAULTS, name)
         serve.add_argument(
@@ -144,6 +156,7 @@ def validate(s: Settings) -> Settings:
     """The settings, or ConfigError naming the first option that is wrong."""
     _check_choices(s)
     _check_numbers(s)
+    _check_ice(s)
     return s
 
 
@@ -164,6 +177,21 @@ def _check_choices(s: Settings) -> None:
         raise ConfigError(f"--log-format {s.log_format!r}: use text or json")
     if s.log_level.lower() not in ("debug", "info", "warning", "error", "critical"):
         raise ConfigError(f"--log-level {s.log_level!r}: use debug, info, warning or error")
+
+
+def _check_ice(s: Settings) -> None:
+    from .ice import IceError, parse_ice_servers  # (ice imports nothing of config's)
+
+    try:
+        parse_ice_servers(s.ice_servers)
+    except IceError as exc:
+        raise ConfigError(f"--ice-servers: {exc}") from None
+    if bool(s.turn_urls) != bool(s.turn_secret):
+        raise ConfigError("--turn-urls and --turn-secret go together")
+    if not 0 < s.app_ping_interval <= 30:
+        raise ConfigError("--app-ping-interval must be above 0 and at most 30 (sleap-rtc reconnects after 90 s)")
+    if s.turn_ttl <= 0:
+        raise ConfigError("--turn-ttl must be positive")
 
 
 def _check_numbers(s: Settings) -> None:

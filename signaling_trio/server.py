@@ -22,6 +22,8 @@ from trio_websocket import WebSocketServer
 from ._accept import serve_listener
 from ._actors import RoomSupervisor
 from ._http import HttpContext, create_app
+from ._http_accounts import AccountsApi
+from ._http_accounts import add_routes as add_account_routes
 from ._httpguard import HttpGuard
 from ._httpserve import serve_http
 from ._log import DroppingQueueHandler, event
@@ -33,9 +35,11 @@ from ._router import LocalRouter, RoomRouter
 from ._version import __version__
 from ._ws import LiveConnections, WsContext, handle_request, sweep_connections
 from ._wsfix import handle_connection
+from .accounts import Accounts
 from .auth import LocalAuthority, Verifier
 from .cluster import Cluster, RedisTransport
 from .config import ConfigError, Settings
+from .ice import IceConfig
 from .protocol import errors as E
 from .store import Store, StoreUnavailable, open_store
 from .store.redis import RedisStore
@@ -94,6 +98,9 @@ class SignalingServer:
         self.router: RoomRouter = LocalRouter(self.supervisor)
         self.prometheus = PrometheusExporter(self.metrics, self.router)
         self.live = LiveConnections()
+        self.ice = IceConfig.from_settings(settings.ice_servers, settings.turn_urls, settings.turn_secret,
+                                           settings.turn_ttl)
+        self.accounts: Accounts
         self._store = store
         self.local_authority: LocalAuthority | None = None
         self.oidc: OidcVerifier | None = None
@@ -163,6 +170,7 @@ class SignalingServer:
 
     async def _run(self, task_status: trio.TaskStatus[ServerInfo]) -> None:
         s = self.settings
+        self.accounts = Accounts(self.store, room_ttl=s.room_ttl)
         ws_sock, http_sock = self._bind_both()
         try:
             try:
@@ -233,8 +241,8 @@ class SignalingServer:
             listeners.cancel_scope.deadline = trio.current_time() + 1.5
 
     def _ws_context(self) -> WsContext:
-        return WsContext(self.settings, self.metrics, Registrar(self.verifier, self.store, self.router), self.live,
-                         self.prometheus.register_seconds.observe)
+        registrar = Registrar(self.verifier, self.store, self.router, self.accounts, self.ice)
+        return WsContext(self.settings, self.metrics, registrar, self.live, self.prometheus.register_seconds.observe)
 
     def _http_app(self) -> HttpGuard:
         s = self.settings
@@ -242,7 +250,9 @@ class SignalingServer:
         ctx = HttpContext(s, self.store, self.verifier, lambda: self.local_authority,
                           (lambda: oidc.ready) if oidc is not None else None, self.router, self.metrics_json,
                           self.prometheus, self._count_room_created)
-        return HttpGuard(create_app(ctx), rate_limit=s.http_rate_limit, body_timeout=s.http_request_timeout,
+        app = create_app(ctx)
+        add_account_routes(app, AccountsApi(ctx, self.accounts, self.ice.servers_for))
+        return HttpGuard(app, rate_limit=s.http_rate_limit, body_timeout=s.http_request_timeout,
                          ws_port=lambda: self.info.ws_port if self.info else None)
 
     def _count_room_created(self) -> None:

@@ -30,7 +30,13 @@ async def test_signalling_roundtrip(signaling_client_factory):
     a = await signaling_client_factory()
     b = await signaling_client_factory()
     await a.send_offer(b.peer_id, "v=0 offer")
-    assert await b.receive() == {"type": "offer", "target": b.peer_id, "sdp": "v=0 offer", "sender": a.peer_id}
+    assert await b.receive() == {
+        "type": "offer",
+        "target": b.peer_id,
+        "sdp": "v=0 offer",
+        "sender": a.peer_id,
+        "role": "peer",
+    }
     await b.send_answer(a.peer_id, "v=0 answer")
     await b.send_candidate(a.peer_id, {"candidate": "c1", "sdpMid": "0"})
     assert (await a.receive())["type"] == "answer"

@@ -99,7 +99,14 @@ async def v2_session(ws_url: str, http_url: str) -> list[str]:
             json.dumps({"type": "offer", "sender": client_id, "target": worker_id, "sdp": "v=0 offer"})
         )
         offer = await recv(worker_ws)
-        assert offer == {"type": "offer", "sender": client_id, "target": worker_id, "sdp": "v=0 offer"}
+        # SPEC 4: a forwarded offer also carries the sender's role (v2 clients read only sdp and sender)
+        assert offer == {
+            "type": "offer",
+            "sender": client_id,
+            "target": worker_id,
+            "sdp": "v=0 offer",
+            "role": "client",
+        }
         await worker_ws.send(
             json.dumps({"type": "answer", "sender": worker_id, "target": client_id, "sdp": "v=0 answer"})
         )

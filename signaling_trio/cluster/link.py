@@ -153,7 +153,8 @@ class LocalAnswer:
 class Member:
     """A local connection in a room, as its link remembers it for a restore elsewhere."""
 
-    __slots__ = ("conn", "peer_id", "subject", "role", "metadata", "token", "req", "confirmed")
+    __slots__ = ("conn", "peer_id", "subject", "role", "metadata", "token", "is_admin", "welcome", "req",
+                 "confirmed")
 
     def __init__(self, cmd: Register, req: int) -> None:
         self.conn: LocalConn = cmd.conn  # type: ignore[assignment]
@@ -162,15 +163,18 @@ class Member:
         self.role = cmd.role
         self.metadata = cmd.metadata
         self.token = cmd.token
+        self.is_admin = cmd.is_admin
+        self.welcome = cmd.welcome
         self.req = req
         self.confirmed = False
 
     def register(self, reply: Reply, announce: bool) -> Register:
-        return Register(self.conn, self.peer_id, self.subject, self.role, self.metadata, self.token, reply, announce)
+        return Register(self.conn, self.peer_id, self.subject, self.role, self.metadata, self.token, reply, announce,
+                        self.is_admin, self.welcome)
 
     def join(self, room_id: str, announce: bool) -> wire.Join:
         return wire.Join(room_id, self.conn.id, self.req, self.peer_id, self.subject, self.role,
-                         self.metadata, self.token, announce)
+                         self.metadata, self.token, announce, self.is_admin, self.welcome)
 
 
 class Confirm:

@@ -89,7 +89,7 @@ class OwnerSide:
 
         reply = RemoteReply(self.host, src, item, on_refused=refused)
         await to_actor(actor, Register(rc, item.peer_id, item.subject, item.role, item.metadata, item.token,
-                                       reply, bool(item.announce)))
+                                       reply, bool(item.announce), bool(item.is_admin), item.welcome))
 
     async def on_part(self, src: str, item: wire.Part) -> None:
         rc = self.remote.get((item.room_id, src), {}).pop(item.cid, None)

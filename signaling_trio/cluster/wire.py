@@ -33,8 +33,10 @@ class Join:
     subject: str
     role: str
     metadata: dict[str, Any]
-    token: str
+    token: str | None
     announce: bool  # False: a restore after a move (the peer gets no second registered_auth)
+    is_admin: bool = False
+    welcome: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)

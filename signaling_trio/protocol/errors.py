@@ -31,6 +31,8 @@ ROOM_FULL = "ROOM_FULL"
 PEER_RESERVED = "PEER_RESERVED"
 PRECONDITION_FAILED = "PRECONDITION_FAILED"
 STORE_UNAVAILABLE = "STORE_UNAVAILABLE"
+INVALID_API_KEY = "INVALID_API_KEY"  # an unknown, revoked or expired account key or worker token
+ROOM_ACCESS_DENIED = "ROOM_ACCESS_DENIED"  # a valid identity that is not the room's owner or a member
 ROOM_UNAVAILABLE = "ROOM_UNAVAILABLE"  # a request outlived a room's move between instances
 
 ALL_CODES = frozenset(

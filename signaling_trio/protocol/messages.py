@@ -16,7 +16,9 @@ V2_TYPES = frozenset(
     {"register", "discover_peers", "update_metadata", "peer_message", "offer", "answer", "candidate"}
 )
 BEYOND_V2_TYPES = frozenset({"subscribe", "unsubscribe", "reserve_peer", "release_peer", "ping"})
-KNOWN_TYPES = V2_TYPES | BEYOND_V2_TYPES
+# sleap-rtc 0.0.x (SPEC section 4): a routed error (a worker refusing an offer), the mesh
+SLEAP_RTC_TYPES = frozenset({"error", "mesh_connect", "mesh_answer", "ice_candidate"})
+KNOWN_TYPES = V2_TYPES | BEYOND_V2_TYPES | SLEAP_RTC_TYPES
 ROOM_TYPES = KNOWN_TYPES - {"register", "ping"}
 # Requests the room answers exactly once (an answer or an error); the others are routed
 # to a peer and answered only when they fail.

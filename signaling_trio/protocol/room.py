@@ -14,15 +14,19 @@ answer filters) and `handover.py` (what the room hands over when it moves).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from . import errors as E
 from . import metadata as md
+from . import routing
 from .discovery import Discovery, by_join_order
 from .filters import Filter
 from .handover import PendingHandover, Reservation, Subscription, snapshot
 from .messages import dumps
 from .peer import EMPTY, Conn, Effects, Peer, event_json, peer_list_json
+from .routing import check_identity
+
+Handler = Callable[["RoomState", Peer, dict[str, Any], str, float, Effects], None]
 
 MIN_RESERVATION = 1
 MAX_RESERVATION = 3600
@@ -53,6 +57,7 @@ class RoomState:
         # another instance (handover.py): bumped whenever they change.
         self.handover_version = 0
         self.pending: PendingHandover | None = None  # a previous life's, while its peers come back
+        self.admin: str | None = None  # the sleap-rtc admin worker's peer id
 
     @property
     def handover_deadline(self) -> float | None:
@@ -92,15 +97,19 @@ class RoomState:
         subject: str,
         role: str,
         metadata: dict[str, Any],
-        token: str,
+        token: str | None,
         now: float,
         announce: bool = True,
+        is_admin: bool = False,
+        welcome: dict[str, Any] | None = None,
     ) -> Effects:
         """A connection whose credential the caller has already checked; `subject` is who
         it says the peer is (a peer id in use by another subject is refused).
 
         `announce=False` restores a peer that was already told it is registered (its room
-        moved to another instance, see docs/SCALING.md): no second `registered_auth`."""
+        moved to another instance, see docs/SCALING.md): no second `registered_auth`.
+        `welcome` (sleap-rtc registrations) makes `registered_auth` carry the room's admin
+        and other workers besides it; `is_admin` claims the admin role if it is free."""
         fx = Effects()
         try:
             self._admit(conn, peer_id, subject, metadata)
@@ -108,6 +117,22 @@ class RoomState:
             exc.extra.setdefault("reason", exc.message)
             fx.error(conn, exc)
             return fx
+        peer, joined = self._place(conn, peer_id, subject, now, fx)
+        self.index.set_profile(peer, role, metadata)
+        self.index.add(peer)
+        conflict = is_admin and not self._claim_admin(peer)
+        if announce:
+            fx.send(conn, self._registered(peer, token, welcome))
+            if conflict:
+                fx.send(conn, {"type": "admin_conflict", "current_admin": self.admin})
+        self._notify(peer, fx, "joined" if joined else "changed")
+        if not announce and self.pending is not None:
+            self._restore_handover(peer, now, fx)
+        return fx
+
+    def _place(self, conn: Conn, peer_id: str, subject: str, now: float, fx: Effects) -> tuple[Peer, bool]:
+        """The peer this registration is (new, or the same peer again: taken over from
+        another connection of the same subject, or re-registered); True if new."""
         current = self.by_conn.get(conn)
         if current is not None and current.peer_id != peer_id:
             self._remove(current, fx)
@@ -132,17 +157,24 @@ class RoomState:
         else:
             self.index.remove(peer)
         peer.subject = subject
-        self.index.set_profile(peer, role, metadata)
-        self.index.add(peer)
-        if announce:
-            fx.send(
-                conn,
-                {"type": "registered_auth", "room_id": self.room_id, "token": token, "peer_id": peer_id},
-            )
-        self._notify(peer, fx, "joined" if joined else "changed")
-        if not announce and self.pending is not None:
-            self._restore_handover(peer, now, fx)
-        return fx
+        return peer, joined
+
+    def _claim_admin(self, peer: Peer) -> bool:
+        """The room's admin role (sleap-rtc's first worker): True if `peer` holds it now."""
+        if self.admin is None or self.admin == peer.peer_id or self.admin not in self.peers:
+            self.admin = peer.peer_id
+        return self.admin == peer.peer_id
+
+    def _registered(self, peer: Peer, token: str | None, welcome: dict[str, Any] | None) -> dict[str, Any]:
+        answer: dict[str, Any] = {"type": "registered_auth", "room_id": self.room_id, "token": token,
+                                  "peer_id": peer.peer_id}
+        if welcome is not None:
+            workers = [p for p in self.index.by_role.get("worker", {}).values() if p is not peer]
+            answer["admin_peer_id"] = self.admin
+            answer["peer_list"] = [p.peer_id for p in workers]
+            answer["peer_metadata"] = {p.peer_id: p.metadata for p in workers}
+            answer.update(welcome)
+        return answer
 
     def _admit(self, conn: Conn, peer_id: str, subject: str, metadata: dict[str, Any]) -> None:
         """ProtocolError when the room cannot take this registration as it is now."""
@@ -240,23 +272,15 @@ class RoomState:
             fx.error(conn, exc)
         return fx
 
-    def _identity(self, peer: Peer, msg: dict[str, Any], field: str) -> None:
-        claimed = msg.get(field)
-        if claimed is not None and claimed != peer.peer_id:
-            raise E.ProtocolError(
-                E.SENDER_MISMATCH,
-                f"'{field}' does not match the peer registered on this connection",
-            )
-
     def _discover(self, peer: Peer, msg: dict[str, Any], raw: str, now: float, fx: Effects) -> None:
-        self._identity(peer, msg, "from_peer_id")
+        check_identity(peer, msg, "from_peer_id")
         _, found = self.query(msg.get("filters"))
         if peer.peer_id in found:
             found = {k: v for k, v in found.items() if v is not peer}
         fx.send(peer.conn, peer_list_json("peer_list", {"to_peer_id": peer.peer_id}, found.values()))
 
     def _update_metadata(self, peer: Peer, msg: dict[str, Any], raw: str, now: float, fx: Effects) -> None:
-        self._identity(peer, msg, "peer_id")
+        check_identity(peer, msg, "peer_id")
         if "metadata" not in msg or msg["metadata"] is None:
             raise E.ProtocolError(E.MISSING_FIELDS, "Missing required fields: metadata")
         update = md.validate(msg["metadata"])
@@ -267,42 +291,6 @@ class RoomState:
         self.index.add(peer)
         fx.send(peer.conn, {"type": "metadata_updated", "peer_id": peer.peer_id, "metadata": merged})
         self._notify(peer, fx, "changed")
-
-    def _peer_message(self, peer: Peer, msg: dict[str, Any], raw: str, now: float, fx: Effects) -> None:
-        self._identity(peer, msg, "from_peer_id")
-        missing = [f for f in ("to_peer_id", "payload") if f not in msg]
-        if missing:
-            raise E.ProtocolError(E.MISSING_FIELDS, f"Missing required fields: {', '.join(missing)}")
-        to = msg["to_peer_id"]
-        if not isinstance(to, str):
-            raise E.ProtocolError(E.INVALID_MESSAGE, "field 'to_peer_id' must be a string")
-        target = self.peers.get(to)
-        if target is None:
-            raise E.ProtocolError(E.PEER_NOT_IN_ROOM, f"Target peer {to} not in same room")
-        fx.send(
-            target.conn,
-            {"type": "peer_message", "from_peer_id": peer.peer_id, "to_peer_id": to, "payload": msg["payload"]},
-        )
-        fx.routed += 1
-
-    def _signal(self, peer: Peer, msg: dict[str, Any], raw: str, now: float, fx: Effects) -> None:
-        self._identity(peer, msg, "sender")
-        to = msg.get("target")
-        if to is None:
-            raise E.ProtocolError(E.MISSING_FIELDS, "Missing required fields: target")
-        if not isinstance(to, str):
-            raise E.ProtocolError(E.INVALID_MESSAGE, "field 'target' must be a string")
-        target = self.peers.get(to)
-        if target is None:
-            # v2 dropped signalling to a peer that is gone without answering; a trickled
-            # candidate racing a disconnect must not make a v2 client shut down.
-            fx.dropped += 1
-            return
-        if msg.get("sender") == peer.peer_id:
-            fx.send(target.conn, raw)  # as sent: no re-encoding
-        else:
-            fx.send(target.conn, {**msg, "sender": peer.peer_id})
-        fx.routed += 1
 
     # ------------------------------------------------------------- presence
     def _subscribe(self, peer: Peer, msg: dict[str, Any], raw: str, now: float, fx: Effects) -> None:
@@ -463,6 +451,8 @@ class RoomState:
         del self.peers[peer.peer_id]
         del self.by_conn[peer.conn]
         self.index.remove(peer)
+        if self.admin == peer.peer_id:
+            self.admin = None
         self._drop_subscription(peer)
         for target_id in list(peer.holding):
             target = self.peers.get(target_id)
@@ -477,13 +467,24 @@ class RoomState:
         self._notify(peer, fx, "left")
 
 
-_HANDLERS = {
+def _routed(route: Callable[[dict[str, Peer], Peer, dict[str, Any], str, Effects], None]) -> Handler:
+    def handle(state: RoomState, peer: Peer, msg: dict[str, Any], raw: str, now: float, fx: Effects) -> None:
+        route(state.peers, peer, msg, raw, fx)
+
+    return handle
+
+
+_HANDLERS: dict[str, Handler] = {
     "discover_peers": RoomState._discover,
     "update_metadata": RoomState._update_metadata,
-    "peer_message": RoomState._peer_message,
-    "offer": RoomState._signal,
-    "answer": RoomState._signal,
-    "candidate": RoomState._signal,
+    "peer_message": _routed(routing.peer_message),
+    "offer": _routed(routing.signal),
+    "answer": _routed(routing.signal),
+    "candidate": _routed(routing.signal),
+    "error": _routed(routing.signal),  # a worker's refusal of an offer (worker_busy), to its sender
+    "mesh_connect": _routed(routing.mesh),
+    "mesh_answer": _routed(routing.mesh),
+    "ice_candidate": _routed(routing.mesh),
     "subscribe": RoomState._subscribe,
     "unsubscribe": RoomState._unsubscribe,
     "reserve_peer": RoomState._reserve,

@@ -2,13 +2,28 @@
 
 from __future__ import annotations
 
-from .base import ClosingStore, RoomRecord
 import dataclasses
+from typing import Any
+
+import orjson
+
+from .base import ClosingStore, RoomRecord
 
 
 class MemoryStore(ClosingStore):
     def __init__(self) -> None:
         self._rooms: dict[str, RoomRecord] = {}
+        self._docs: dict[str, bytes] = {}  # encoded: a caller never shares a live dict
+
+    async def get_doc(self, key: str) -> dict[str, Any] | None:
+        raw = self._docs.get(key)
+        return None if raw is None else orjson.loads(raw)
+
+    async def put_doc(self, key: str, doc: dict[str, Any]) -> None:
+        self._docs[key] = orjson.dumps(doc)
+
+    async def delete_doc(self, key: str) -> bool:
+        return self._docs.pop(key, None) is not None
 
     async def create_room(self, room: RoomRecord) -> None:
         self._rooms[room.room_id] = room

@@ -13,12 +13,14 @@ Live peers are not here: each room's live state is held by the instance that own
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any, Awaitable, Callable, TypeVar
 from urllib.parse import urlsplit
 
 import coredis
 import coredis.exceptions
+import orjson
 import trio
 
 from ..config import ConfigError
@@ -28,6 +30,10 @@ T = TypeVar("T")
 PREFIX = "signaling"  # every key and channel of this server, store and cluster alike
 GRACE = 86400  # seconds an expired room is kept (answers ROOM_EXPIRED)
 KEY_NAME = f"{PREFIX}:signing-key"
+
+
+def _doc_key(key: str) -> str:
+    return f"{PREFIX}:doc:{key}"
 
 
 def _room_key(room_id: str) -> str:
@@ -92,9 +98,16 @@ class RedisStore:
 
         async def go() -> None:
             await self._client.hset(key, fields)
-            await self._client.expireat(key, int(room.expires_at + GRACE))
+            await self._expire(key, room.expires_at)
 
         await self._call(go)
+
+    async def _expire(self, key: str, expires_at: float) -> None:
+        """The key lapses GRACE after the room; a room that never expires keeps it."""
+        if math.isinf(expires_at):
+            await self._client.persist(key)
+        else:
+            await self._client.expireat(key, int(expires_at + GRACE))
 
     async def get_room(self, room_id: str) -> RoomRecord | None:
         data = await self._call(lambda: self._client.hgetall(_room_key(room_id)))
@@ -111,7 +124,7 @@ class RedisStore:
             if not await self._client.exists([key]):
                 return False
             await self._client.hset(key, {"expires_at": repr(expires_at)})
-            await self._client.expireat(key, int(expires_at + GRACE))
+            await self._expire(key, expires_at)
             return True
 
         return await self._call(go)
@@ -121,6 +134,17 @@ class RedisStore:
 
     async def purge_expired(self, before: float) -> int:
         return 0  # Redis expires room keys itself, GRACE after the room
+
+    async def get_doc(self, key: str) -> dict[str, Any] | None:
+        raw = await self._call(lambda: self._client.get(_doc_key(key)))
+        return None if raw is None else orjson.loads(raw)
+
+    async def put_doc(self, key: str, doc: dict[str, Any]) -> None:
+        body = orjson.dumps(doc).decode()
+        await self._call(lambda: self._client.set(_doc_key(key), body))
+
+    async def delete_doc(self, key: str) -> bool:
+        return bool(await self._call(lambda: self._client.delete([_doc_key(key)])))
 
     async def check(self) -> None:
         await self._call(lambda: self._client.set(f"{PREFIX}:health", repr(time.time()), ex=60))

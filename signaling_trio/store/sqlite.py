@@ -12,6 +12,7 @@ import sqlite3
 import time
 from typing import Any, Callable, TypeVar
 
+import orjson
 import trio
 
 from .base import ClosingStore, RoomRecord, StoreFull, StoreUnavailable
@@ -28,6 +29,7 @@ CREATE TABLE IF NOT EXISTS rooms (
 );
 CREATE INDEX IF NOT EXISTS rooms_expires_at ON rooms (expires_at);
 CREATE TABLE IF NOT EXISTS health (k INTEGER PRIMARY KEY, checked_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS docs (key TEXT PRIMARY KEY, body TEXT NOT NULL);
 """
 
 
@@ -91,6 +93,18 @@ class SqliteStore(ClosingStore):
     async def purge_expired(self, before: float) -> int:
         cur = await self._run(lambda db: db.execute("DELETE FROM rooms WHERE expires_at < ?", (before,)))
         return cur.rowcount
+
+    async def get_doc(self, key: str) -> dict[str, Any] | None:
+        row = await self._run(lambda db: db.execute("SELECT body FROM docs WHERE key = ?", (key,)).fetchone())
+        return None if row is None else orjson.loads(row[0])
+
+    async def put_doc(self, key: str, doc: dict[str, Any]) -> None:
+        body = orjson.dumps(doc).decode()
+        await self._run(lambda db: db.execute("INSERT OR REPLACE INTO docs VALUES (?, ?)", (key, body)))
+
+    async def delete_doc(self, key: str) -> bool:
+        cur = await self._run(lambda db: db.execute("DELETE FROM docs WHERE key = ?", (key,)))
+        return cur.rowcount > 0
 
     async def check(self) -> None:
         # A write, not just a read: a read-only file or a full disk must show as unhealthy.
