@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -128,6 +129,13 @@ def run_job(procs: list[subprocess.Popen[bytes]]) -> None:
         return
     worker_id = registered("worker")[0]["peer_id"]
     step("worker registered", worker_id=worker_id)
+    # a second worker joins the same room: not the admin; it meshes with the first
+    os.makedirs(os.path.join(WORKDIR, "w2"))
+    second = start("worker2", [SLEAP_RTC, "worker", "--name", "gpu2", "--working-dir", os.path.join(WORKDIR, "w2")])
+    procs.append(second)
+    wait_for("second worker registered", lambda: len({e["peer_id"] for e in registered("worker")}) >= 2, 60)
+    wait_for("mesh", lambda: len(mesh_checkpoints()) == len(MESH_CHECKPOINTS), 60)
+    step("mesh", mesh=mesh_checkpoints())
     time.sleep(WATCHDOG_WAIT)
     step("worker waited", worker_registrations=len(registered("worker")), worker_alive=worker.poll() is None,
          worker_saw_pings=log_of("worker").count("Received signaling server ping"))
@@ -151,9 +159,9 @@ def run_job(procs: list[subprocess.Popen[bytes]]) -> None:
         client.stdin.close()  # type: ignore[union-attr]  # EOF: the prompt cancels
     except OSError:
         pass
-    for proc in (client, worker):
+    for proc in (client, worker, second):
         proc.send_signal(signal.SIGINT)
-    exited = [_exit_code(p, 30) for p in (client, worker)]
+    exited = [_exit_code(p, 30) for p in (client, worker, second)]
     time.sleep(1.0)
     with urllib.request.urlopen(f"http://{HOST}:8001/metrics", timeout=5) as resp:
         metrics = json.loads(resp.read())
@@ -174,17 +182,32 @@ CHECKPOINTS = (
 )
 
 
-def checkpoints() -> list[str]:
+# The second worker meshing with the admin through the server's relays
+MESH_CHECKPOINTS = (
+    ("second worker respects the admin", "worker2", "Respecting existing admin"),
+    ("mesh offer reached the admin", "worker", "Admin received mesh_offer from"),
+    ("mesh answer reached the second worker", "worker2", "Received mesh answer from signaling server"),
+    ("mesh ICE completed", "worker", "Mesh ICE state with {id}: completed"),
+    ("mesh data channel open", "worker", "performing admin duties"),
+)
+
+
+def checkpoints(marks: tuple[tuple[str, str, str], ...] = CHECKPOINTS) -> list[str]:
     """The checkpoints seen, each after the previous one in its program's log."""
-    seen, where = [], {"client": 0, "worker": 0}
-    logs = {"client": log_of("client"), "worker": log_of("worker")}
-    for name, who, marker in CHECKPOINTS:
-        at = logs[who].find(marker, where[who])
-        if at < 0:
+    seen, where = [], {"client": 0, "worker": 0, "worker2": 0}
+    logs = {who: log_of(who) if os.path.exists(os.path.join(WORKDIR, f"{who}.log")) else "" for who in where}
+    for name, who, marker in marks:
+        pattern = re.escape(marker).replace(re.escape("{id}"), r"\S+")  # {id}: any peer id
+        found = re.compile(pattern).search(logs[who], where[who])
+        if found is None:
             break
-        where[who] = at
+        where[who] = found.start()
         seen.append(name)
     return seen
+
+
+def mesh_checkpoints() -> list[str]:
+    return checkpoints(MESH_CHECKPOINTS)
 
 
 def _exit_code(proc: subprocess.Popen[bytes], timeout: float) -> int | None:

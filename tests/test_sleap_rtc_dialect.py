@@ -170,6 +170,9 @@ async def test_the_admin_role_and_the_mesh(server):
         a2 = await w2.request(worker_register(p["room_id"], p["key"], "w2"))
         assert a1["admin_peer_id"] == "w1" and a2["admin_peer_id"] == "w1"
         assert a2["peer_list"] == ["w1"] and a2["peer_metadata"]["w1"] == WORKER_META
+        assert await w2.nothing_pending()  # registered_auth named the admin: no conflict frame
+        again = await w2.request(worker_register(p["room_id"], p["key"], "w2"))  # claims it again
+        assert again["admin_peer_id"] == "w1"
         assert await w2.recv_type("admin_conflict") == {"type": "admin_conflict", "current_admin": "w1"}
         await w2.send({"type": "mesh_connect", "target_peer_id": "w1", "offer": {"sdp": "x"}})
         mesh = await w1.recv_type("mesh_offer")
@@ -308,14 +311,69 @@ async def test_accounts_on_every_lasting_store(store, tmp_path, request):
         if store == "sqlite":
             await a.http("GET", "/health")
         else:
-            async with open_test_server(**second) as b, ws_peer(b.ws_url) as w:
+            async with open_test_server(**second) as b, ws_peer(b.ws_url) as w, ws_peer(a.ws_url) as c:
                 auth = await w.request(worker_register(p["room_id"], p["key"]))
                 assert auth["type"] == "registered_auth" and auth["room_id"] == p["room_id"]
                 status, rooms = await b.http("GET", "/api/auth/rooms", token=p["key"])
                 assert status == 200 and rooms["rooms"][0]["expires_at"] is None
+                # its client on the other instance: registers, finds it, offers with its role
+                cauth = await c.request(client_register(p["room_id"], p["jwt"]))
+                assert cauth["type"] == "registered_auth" and cauth["peer_list"] == [auth["peer_id"]]
+                found = await c.request({"type": "discover_peers", "filters": {"role": "worker"}})
+                assert [peer["peer_id"] for peer in found["peers"]] == [auth["peer_id"]]
+                await c.send({"type": "offer", "sender": "alice", "target": auth["peer_id"], "sdp": "v=0"})
+                assert (await w.recv_type("offer"))["role"] == "client"
             return
     async with open_test_server(**second) as b, ws_peer(b.ws_url) as w:
         auth = await w.request(worker_register(p["room_id"], p["key"]))
         assert auth["type"] == "registered_auth"
         status, rooms = await b.http("GET", "/api/auth/rooms", token=p["jwt"])
         assert status == 200 and rooms["rooms"][0]["expires_at"] is None
+
+
+async def test_expired_invites_rooms_and_other_users_keys_are_refused(server):
+    p = await provisioned(server)
+    other = await user(server)
+    # an invite past its hour
+    status, invite = await server.http("POST", f"/api/auth/rooms/{p['room_id']}/invite", token=p["jwt"])
+    store = server.server.store
+    doc = await store.get_doc(f"invite:{invite['invite_code']}")
+    await store.put_doc(f"invite:{invite['invite_code']}", {**doc, "expires_at": time.time() - 1})
+    status, body = await server.http("POST", "/api/auth/rooms/join", {"invite_code": invite["invite_code"]},
+                                     token=other)
+    assert status == 410 and body["error"] == "INVITE_EXPIRED"
+    # one user cannot revoke (or even see) another's key
+    status, body = await server.http("DELETE", f"/api/auth/account-keys/{p['key']}", token=other)
+    assert status == 404 and body["error"] == "KEY_NOT_FOUND"
+    status, keys = await server.http("GET", "/api/auth/account-keys", token=other)
+    assert keys == {"keys": []}
+    # malformed bodies
+    status, body = await server.http("POST", "/api/auth/account-keys", ["not", "an", "object"], token=p["jwt"])
+    assert status == 400 and body["error"] == "INVALID_MESSAGE"
+    status, body = await server.http("POST", "/api/auth/token", {"room_id": p["room_id"]}, token=p["jwt"])
+    assert status == 400 and body["error"] == "MISSING_FIELDS"
+    status, body = await server.http("POST", "/api/auth/token", {"room_id": p["room_id"], "worker_name": "w"},
+                                     token=p["key"])  # worker tokens: the JWT only
+    assert status == 401
+    # an expired room refuses new registrations
+    await store.set_expiry(p["room_id"], time.time() - 1)
+    async with ws_peer(server.ws_url) as w:
+        err = await w.request(worker_register(p["room_id"], p["key"]))
+        assert err["code"] == "ROOM_EXPIRED"
+
+
+async def test_secrets_never_reach_the_log(caplog):
+    import logging
+
+    caplog.set_level(logging.DEBUG, logger="signaling_trio")
+    async with open_test_server(turn_urls="turn:127.0.0.1:3478", turn_secret="very-secret-turn") as server:
+        p = await provisioned(server)
+        async with ws_peer(server.ws_url) as w, ws_peer(server.ws_url) as c:
+            await w.request(worker_register(p["room_id"], p["key"]))
+            await c.request(client_register(p["room_id"], p["jwt"]))
+            await w.request(worker_register(p["room_id"], "slp_acct_wrong-key"))
+        await server.http("DELETE", f"/api/auth/account-keys/{p['key']}", token=p["jwt"])
+    logged = "\n".join(f"{r.getMessage()} {getattr(r, 'fields', '')}" for r in caplog.records)
+    assert "account key created" in logged  # the log is what was captured
+    for secret in (p["key"], p["jwt"], p["room_token"], "very-secret-turn", "slp_acct_wrong-key"):
+        assert secret not in logged

@@ -31,6 +31,15 @@ ORDER = [
 ]
 
 
+MESH = [
+    "second worker respects the admin",
+    "mesh offer reached the admin",
+    "mesh answer reached the second worker",
+    "mesh ICE completed",
+    "mesh data channel open",
+]
+
+
 def _missing() -> str | None:
     if os.geteuid() != 0:
         return "needs root for `unshare --net` (the test's own network namespace)"
@@ -62,13 +71,16 @@ def test_a_job_through_the_server_with_the_real_programs(sleap_rtc, tmp_path):
     # the worker registered with its account key and stayed: pings kept its 90 s
     # watchdog quiet (no reconnect, no second registration)
     assert run["worker_id"].startswith("worker-"), context
-    assert run["worker_alive"] and run["worker_registrations"] == 1, context
+    assert run["worker_alive"] and run["worker_registrations"] == 2, context  # each worker once
     assert run["worker_saw_pings"] >= 4, context
     assert "reconnected" not in run.get("worker_log_tail", "").lower(), context
+    # a second worker joined: it left the admin role to the first and meshed with it
+    # through the server's mesh relays
+    assert run["mesh"] == MESH, context
     # then, in order: everything of the job the server takes part in
     assert run["checkpoints"] == ORDER, context
     assert run["client_ids"] == ["alice"], context
     # both stop on SIGINT; nobody is left in the room
-    assert run["exit_codes"] == [0, 0], context
+    assert run["exit_codes"] == [0, 0, 0], context
     assert run["peers_after"] == 0 and run["rooms_after"] == 0, context
     assert "timeouts" not in run, context

@@ -109,7 +109,8 @@ class RoomState:
         `announce=False` restores a peer that was already told it is registered (its room
         moved to another instance, see docs/SCALING.md): no second `registered_auth`.
         `welcome` (sleap-rtc registrations) makes `registered_auth` carry the room's admin
-        and other workers besides it; `is_admin` claims the admin role if it is free."""
+        and other workers besides it; `is_admin` claims the admin role if it is free
+        (a peer already in the room that claims it in vain also gets `admin_conflict`)."""
         fx = Effects()
         try:
             self._admit(conn, peer_id, subject, metadata)
@@ -123,7 +124,10 @@ class RoomState:
         conflict = is_admin and not self._claim_admin(peer)
         if announce:
             fx.send(conn, self._registered(peer, token, welcome))
-            if conflict:
+            # A peer's first registration learns the admin from registered_auth; sleap-rtc
+            # 0.0.7 workers answer an admin_conflict there by reconnecting, and register
+            # again with is_admin: a loop (docs/SLEAP-RTC.md). A re-register is told.
+            if conflict and not joined:
                 fx.send(conn, {"type": "admin_conflict", "current_admin": self.admin})
         self._notify(peer, fx, "joined" if joined else "changed")
         if not announce and self.pending is not None:
