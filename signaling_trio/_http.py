@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import datetime
 import logging
-import secrets
 import time
 import uuid
 from dataclasses import dataclass
@@ -31,7 +30,7 @@ from ._version import __version__
 from .auth import AuthError, LocalAuthority, Verifier
 from .config import Settings
 from .protocol import errors as E
-from .store import RoomRecord, Store, StoreFull, StoreUnavailable, bounded, hash_token
+from .store import RoomRecord, Store, StoreFull, StoreUnavailable, bounded, new_room
 
 MAX_TTL = 30 * 86400
 MAX_FIELD_LEN = 256
@@ -90,18 +89,29 @@ class HttpApi:
         except (trio.TooSlowError, StoreUnavailable):
             raise HttpError(503, E.STORE_UNAVAILABLE, "the room did not answer in time; try again") from None
 
-    async def bearer(self, required: bool) -> dict[str, Any] | None:
+    @staticmethod
+    def bearer_token() -> str:
+        """The Authorization header's token ("" when absent). v1 servers stripped
+        "Bearer " if present; a bare token was accepted too."""
         header = request.headers.get("Authorization", "")
-        if not header:
+        return header[7:].strip() if header[:7].lower() == "bearer " else header.strip()
+
+    async def bearer(self, required: bool) -> dict[str, Any] | None:
+        token = self.bearer_token()
+        if not token:
             if required:
                 raise HttpError(401, E.INVALID_ID_TOKEN, "Authorization: Bearer <id_token> required")
             return None
-        # v1 servers stripped "Bearer " if present; a bare token was accepted too.
-        token = header[7:].strip() if header[:7].lower() == "bearer " else header.strip()
         try:
             return await self.ctx.verifier.verify(token)
         except AuthError as exc:
             raise HttpError(401, E.INVALID_ID_TOKEN, str(exc)) from None
+
+    async def room_record(self, room_id: str) -> RoomRecord:
+        record = await self.store_call(self.ctx.store.get_room, room_id)
+        if record is None:
+            raise HttpError(404, E.ROOM_NOT_FOUND, f"Room {room_id} not found")
+        return record
 
     async def subject(self) -> str:
         claims = await self.bearer(required=True)
@@ -179,13 +189,11 @@ class HttpApi:
     async def create_room(self) -> Any:
         sub = await self.subject()
         now = time.time()
-        room_id = secrets.token_hex(6)
-        token = secrets.token_urlsafe(24)  # 192 bits
-        expires_at = int(now + self.ctx.settings.room_ttl)
-        await self.store_call(self.ctx.store.create_room, RoomRecord(room_id, hash_token(token), sub, now, expires_at))
+        record, token = new_room(sub, now, int(now + self.ctx.settings.room_ttl))
+        await self.store_call(self.ctx.store.create_room, record)
         self.ctx.count_room_created()
-        event(logging.INFO, "room created", room_id=room_id, creator=sub)
-        return {"room_id": room_id, "token": token, "expires_at": expires_at}
+        event(logging.INFO, "room created", room_id=record.room_id, creator=sub)
+        return {"room_id": record.room_id, "token": token, "expires_at": record.expires_at}
 
     async def extend_room(self) -> Any:
         sub = await self.subject()
@@ -194,9 +202,7 @@ class HttpApi:
         ttl = data.get("ttl_sec", self.ctx.settings.room_ttl)
         if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not 1 <= ttl <= MAX_TTL:
             raise HttpError(400, E.INVALID_MESSAGE, f"'ttl_sec' must be a number from 1 to {MAX_TTL}")
-        record = await self.store_call(self.ctx.store.get_room, room_id)
-        if record is None:
-            raise HttpError(404, E.ROOM_NOT_FOUND, f"Room {room_id} not found")
+        record = await self.room_record(room_id)
         if sub != record.creator:
             subjects = await self.room_call(room_id, "subjects")
             if not subjects or sub not in subjects:

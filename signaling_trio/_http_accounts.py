@@ -37,8 +37,7 @@ class AccountsApi(HttpApi):
     # ------------------------------------------------------------ helpers
     async def caller(self, *, jwt_only: bool = False) -> str:
         """The Bearer's user: a JWT, or (unless `jwt_only`) one of their account keys."""
-        header = request.headers.get("Authorization", "")
-        token = header[7:].strip() if header[:7].lower() == "bearer " else header.strip()
+        token = self.bearer_token()
         if not token:
             raise HttpError(401, E.INVALID_ID_TOKEN, "Authorization: Bearer <JWT or account key> required")
         if token.startswith(ACCOUNT_KEY_PREFIX) and not jwt_only:
@@ -52,15 +51,9 @@ class AccountsApi(HttpApi):
             raise HttpError(401, E.INVALID_ID_TOKEN, str(exc)) from None
         return str(claims["sub"])
 
-    async def record(self, room_id: str) -> RoomRecord:
-        record = await self.store_call(self.ctx.store.get_room, room_id)
-        if record is None:
-            raise HttpError(404, E.ROOM_NOT_FOUND, f"Room {room_id} not found")
-        return record
-
     async def standing(self, room_id: str, sub: str, *, owner: bool = False) -> tuple[RoomRecord, str]:
         """The room and the caller's role in it; 403 without one (or not the owner)."""
-        record = await self.record(room_id)
+        record = await self.room_record(room_id)
         role = await self.store_call(self.accounts.role_in, record, sub)
         if role is None or (owner and role != "owner"):
             raise HttpError(403, "ROOM_ACCESS_DENIED",
@@ -81,15 +74,12 @@ class AccountsApi(HttpApi):
             )
         return float(value)
 
-    def name_field(self, data: dict[str, Any], name: str) -> str | None:
-        return self.optional_field(data, name)
-
     # ------------------------------------------------------------- rooms
     async def create_room_v3(self) -> Any:
         sub = await self.caller()
         data = await self.body()
         days = self.days(data, "expires_in_days", DEFAULT_ROOM_DAYS, allow_never=True)
-        room: NewRoom = await self.store_call(self.accounts.create_room, sub, self.name_field(data, "name"), days)
+        room: NewRoom = await self.store_call(self.accounts.create_room, sub, self.optional_field(data, "name"), days)
         self.ctx.count_room_created()
         event(logging.INFO, "room created", room_id=room.record.room_id, creator=sub)
         return {"room_id": room.record.room_id, "room_token": room.token, "name": room.name,
@@ -128,7 +118,7 @@ class AccountsApi(HttpApi):
         sub = await self.caller()
         record, _ = await self.standing(room_id, sub, owner=True)
         data = await self.body()
-        name = self.name_field(data, "name")
+        name = self.optional_field(data, "name")
         if name is not None:
             await self.store_call(self.accounts.rename, record, name)
         if "expires_in_days" in data:
@@ -172,7 +162,7 @@ class AccountsApi(HttpApi):
             room_id = await self.store_call(self.accounts.redeem, code)
         except AccountError as exc:
             raise HttpError(exc.status, exc.code, exc.message) from None
-        record = await self.record(room_id)
+        record = await self.room_record(room_id)
         await self.store_call(self.accounts.add_member, record, sub)
         role = await self.store_call(self.accounts.role_in, record, sub)
         return {"room_id": room_id, "role": role}
@@ -181,7 +171,7 @@ class AccountsApi(HttpApi):
     async def create_key(self) -> Any:
         sub = await self.caller()
         key, entry = await self.store_call(
-            self.accounts.create_account_key, sub, self.name_field(await self.body(), "name")
+            self.accounts.create_account_key, sub, self.optional_field(await self.body(), "name")
         )
         event(logging.INFO, "account key created", sub=sub, key=entry["id"])
         return {"key_id": key, "id": entry["id"], "name": entry["name"], "created_at": wire_time(entry["created_at"])}

@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from .store import RoomRecord, Store, hash_token
+from .store import RoomRecord, Store, new_room
 
 ACCOUNT_KEY_PREFIX = "slp_acct_"
 WORKER_TOKEN_PREFIX = "slp_"
@@ -66,17 +66,14 @@ class NewRoom:
 
 
 class Accounts:
-    def __init__(self, store: Store, *, room_ttl: float) -> None:
+    def __init__(self, store: Store) -> None:
         self.store = store
-        self.room_ttl = room_ttl
 
     # ------------------------------------------------------------------ rooms
     async def create_room(self, owner: str, name: str | None, expires_in_days: float | None) -> NewRoom:
         now = time.time()
-        room_id = secrets.token_hex(6)
-        token = secrets.token_urlsafe(24)
-        expires_at = NEVER if expires_in_days is None else now + expires_in_days * DAY
-        record = RoomRecord(room_id, hash_token(token), owner, now, expires_at)
+        record, token = new_room(owner, now, NEVER if expires_in_days is None else now + expires_in_days * DAY)
+        room_id = record.room_id
         await self.store.create_room(record)
         name = name or room_id
         await self.store.put_doc(f"room-meta:{room_id}", {"name": name, "members": {}})
@@ -177,13 +174,14 @@ class Accounts:
 
     async def account_key_owner(self, key: str) -> str | None:
         """The user an account key belongs to; None if unknown or revoked."""
-        entry = await self.store.get_doc(f"account-key:{_hash(key)}")
+        doc_key = f"account-key:{_hash(key)}"
+        entry = await self.store.get_doc(doc_key)
         if entry is None or entry.get("revoked_at") is not None:
             return None
         now = time.time()
         if entry.get("last_used_at") is None or now - entry["last_used_at"] > 60:  # not a write per use
             entry["last_used_at"] = now
-            await self.store.put_doc(f"account-key:{_hash(key)}", entry)
+            await self.store.put_doc(doc_key, entry)
         return str(entry["sub"])
 
     # ---------------------------------------------------------- worker tokens

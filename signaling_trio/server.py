@@ -170,7 +170,7 @@ class SignalingServer:
 
     async def _run(self, task_status: trio.TaskStatus[ServerInfo]) -> None:
         s = self.settings
-        self.accounts = Accounts(self.store, room_ttl=s.room_ttl)
+        self.accounts = Accounts(self.store)
         ws_sock, http_sock = self._bind_both()
         try:
             try:

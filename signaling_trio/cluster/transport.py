@@ -11,6 +11,7 @@ caller subscribes again).
 
 from __future__ import annotations
 
+import time
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Protocol
 
@@ -135,7 +136,7 @@ class RedisTransport:
         """Publish this instance's counts (they lapse after 3 `every`s); every live
         instance's counts, ours included."""
         async def go() -> list[dict[str, Any]]:
-            now = _wall()
+            now = time.time()
             await self.redis.set(stats_key(instance), orjson.dumps(stats).decode(), px=int(every * 3000))
             await self.redis.zadd(INSTANCES_KEY, {instance: now})
             await self.redis.zremrangebyscore(INSTANCES_KEY, "-inf", now - every * 3)
@@ -156,9 +157,3 @@ async def _payloads(ps: Any) -> AsyncIterator[Any]:
     async for message in ps:
         if message["type"] == "message":
             yield message["data"]
-
-
-def _wall() -> float:
-    import time
-
-    return time.time()

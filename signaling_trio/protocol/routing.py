@@ -43,24 +43,30 @@ def peer_message(peers: dict[str, Peer], peer: Peer, msg: dict[str, Any], raw: s
     fx.routed += 1
 
 
-def signal(peers: dict[str, Peer], peer: Peer, msg: dict[str, Any], raw: str, fx: Effects) -> None:
-    check_identity(peer, msg, "sender")
-    to = msg.get("target")
+def _target(peers: dict[str, Peer], msg: dict[str, Any], field: str, fx: Effects) -> Peer | None:
+    """The peer `msg[field]` names; None (counted as dropped) when it is not in the room:
+    v2 dropped signalling to a peer that is gone without answering, and a trickled
+    candidate racing a disconnect must not make a v2 client shut down."""
+    to = msg.get(field)
     if to is None:
-        raise E.ProtocolError(E.MISSING_FIELDS, "Missing required fields: target")
+        raise E.ProtocolError(E.MISSING_FIELDS, f"Missing required fields: {field}")
     if not isinstance(to, str):
-        raise E.ProtocolError(E.INVALID_MESSAGE, "field 'target' must be a string")
+        raise E.ProtocolError(E.INVALID_MESSAGE, f"field '{field}' must be a string")
     target = peers.get(to)
     if target is None:
-        # v2 dropped signalling to a peer that is gone without answering; a trickled
-        # candidate racing a disconnect must not make a v2 client shut down.
         fx.dropped += 1
+    return target
+
+
+def signal(peers: dict[str, Peer], peer: Peer, msg: dict[str, Any], raw: str, fx: Effects) -> None:
+    check_identity(peer, msg, "sender")
+    target = _target(peers, msg, "target", fx)
+    if target is None:
         return
     as_sent = msg.get("sender") == peer.peer_id
     if msg["type"] == "offer":  # the answerer learns who offers (sleap-rtc workers read it)
-        if as_sent and "role" not in msg:  # the sent text, with the role appended
-            body = raw.rstrip()
-            fx.send(target.conn, f'{body[:-1]}{"," if len(msg) else ""}"role":{dumps(peer.role)}}}')
+        if as_sent and "role" not in msg:  # the sent text (an object with "type"), the role appended
+            fx.send(target.conn, f'{raw.rstrip()[:-1]},"role":{dumps(peer.role)}}}')
         else:
             fx.send(target.conn, {**msg, "sender": peer.peer_id, "role": peer.role})
     elif as_sent:
@@ -73,14 +79,8 @@ def signal(peers: dict[str, Peer], peer: Peer, msg: dict[str, Any], raw: str, fx
 def mesh(peers: dict[str, Peer], peer: Peer, msg: dict[str, Any], raw: str, fx: Effects) -> None:
     """sleap-rtc's worker mesh: routed by `target_peer_id`, `from_peer_id` set here;
     `mesh_connect` reaches its target as `mesh_offer`."""
-    to = msg.get("target_peer_id")
-    if to is None:
-        raise E.ProtocolError(E.MISSING_FIELDS, "Missing required fields: target_peer_id")
-    if not isinstance(to, str):
-        raise E.ProtocolError(E.INVALID_MESSAGE, "field 'target_peer_id' must be a string")
-    target = peers.get(to)
+    target = _target(peers, msg, "target_peer_id", fx)
     if target is None:
-        fx.dropped += 1  # as for signals: the target left meanwhile
         return
     kind = "mesh_offer" if msg["type"] == "mesh_connect" else msg["type"]
     fx.send(target.conn, {**msg, "type": kind, "from_peer_id": peer.peer_id})

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 
 from ..config import ConfigError, Settings
-from .base import RoomRecord, Store, StoreFull, StoreUnavailable, bounded, hash_token
+from .base import RoomRecord, Store, StoreFull, StoreUnavailable, bounded, hash_token, new_room
 
 
 def open_store(settings: Settings) -> Store:
@@ -31,4 +31,4 @@ def open_store(settings: Settings) -> Store:
     raise ConfigError(f"--store {settings.store!r}: unknown store scheme")
 
 
-__all__ = ["RoomRecord", "Store", "StoreFull", "StoreUnavailable", "bounded", "hash_token", "open_store"]
+__all__ = ["RoomRecord", "Store", "StoreFull", "StoreUnavailable", "bounded", "hash_token", "new_room", "open_store"]

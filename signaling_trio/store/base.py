@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import secrets
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Protocol, TypeVar
 
@@ -45,6 +46,12 @@ class RoomRecord:
 
 def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
+
+
+def new_room(creator: str, created_at: float, expires_at: float) -> tuple[RoomRecord, str]:
+    """A new room's record and its token (192 bits, shown once; only its hash is kept)."""
+    token = secrets.token_urlsafe(24)
+    return RoomRecord(secrets.token_hex(6), hash_token(token), creator, created_at, expires_at), token
 
 
 T = TypeVar("T")
