@@ -5,7 +5,11 @@
 // prints one JSON line of results on stdout.
 import WebSocket from "ws";
 
-const cfg = JSON.parse(process.argv[2]);
+import { readFileSync } from "fs";
+
+// the config: JSON, or "@path" of a file holding it (a long room list exceeds argv's limit)
+const arg = process.argv[2];
+const cfg = JSON.parse(arg.startsWith("@") ? readFileSync(arg.slice(1), "utf8") : arg);
 const now = () => Number(process.hrtime.bigint()) / 1e6; // ms
 const pad = "x".repeat(cfg.pad ?? 64);
 
@@ -32,7 +36,7 @@ const targets = {
       // `where` (cluster benchmarks): {url, room_id, token} of this peer's instance and room
       const ws = await open(where?.url ?? cfg.ws_url);
       ws.send(JSON.stringify({ type: "register", peer_id: id, room_id: where?.room_id ?? cfg.room_id, token: where?.token ?? cfg.token,
-                               id_token: cfg.id_token, role: meta?.role ?? "peer", metadata: meta?.metadata ?? {} }));
+                               id_token: where?.id_token ?? cfg.id_token, role: meta?.role ?? "peer", metadata: meta?.metadata ?? {} }));
       const reply = await nextMessage(ws);
       if (reply.type !== "registered_auth") throw new Error(JSON.stringify(reply));
       return ws;
@@ -131,7 +135,9 @@ async function relay() {
 async function capacity() {
   const meta = (k) => ({ role: k % 4 ? "client" : "worker", metadata: { tags: ["sleap-rtc"], properties: { gpu_memory_mb: 8192 + (k % 8) * 2048, status: "available", slot: k % 100 } } });
   const t0 = now();
-  const peers = await connectMany(cfg.count, `idle${cfg.tag ?? ""}-`, meta);
+  // connect benchmark: cfg.rooms = [{room_id, token}], peer k joins rooms[k % n]
+  const where = cfg.rooms ? (k) => ({ url: cfg.ws_url, ...cfg.rooms[k % cfg.rooms.length] }) : undefined;
+  const peers = await connectMany(cfg.count, `idle${cfg.tag ?? ""}-`, meta, cfg.concurrency ?? 200, where);
   const secs = (now() - t0) / 1000;
   process.stdout.write(JSON.stringify({ phase: "connected", count: peers.length, seconds: secs }) + "\n");
   // hold them idle until told to stop (run.py measures RSS meanwhile); optionally probe RTT

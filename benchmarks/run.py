@@ -141,8 +141,14 @@ class Loadgen:
             **cfg,
         }
         self.err = open(os.path.join(RESULTS_LOGS, "loadgen.err"), "a")
+        arg = json.dumps(full)
+        if len(arg) > 64_000:  # over argv's limit for one argument: pass a file instead
+            path = os.path.join(RESULTS_LOGS, f"loadgen-{os.getpid()}.json")
+            with open(path, "w") as f:
+                f.write(arg)
+            arg = "@" + path
         self.proc = subprocess.Popen(
-            pinned(LOADGEN_CPU, ["node", os.path.join(HERE, "loadgen.mjs"), json.dumps(full)]),
+            pinned(LOADGEN_CPU, ["node", os.path.join(HERE, "loadgen.mjs"), arg]),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self.err,

@@ -67,8 +67,27 @@ def protocol_error_bytes(conn: h11.Connection, status: int) -> bytes:
 
 
 class _H11(H11Protocol):
+    _head = b""
+
     async def _check_protocol(self, event: h11.Request) -> None:
         """No switch to HTTP/2 (see the module docstring); `_httpguard` answers 505."""
+
+    async def _send_h11_event(self, event: Any) -> None:
+        """As hypercorn's, but a response's head waits for its body's first bytes (or its
+        end) and goes out in the same write: one send per answer instead of three. A
+        streamed answer (the status page's events) sends a first chunk at once."""
+        try:
+            data = self.connection.send(event)
+        except h11.LocalProtocolError:
+            if self.connection.their_state != h11.ERROR:
+                raise
+            return
+        if isinstance(event, h11.Response):
+            self._head = data
+            return
+        data, self._head = self._head + data, b""
+        if data:
+            await self.send(RawData(data=data))
 
     async def _send_error_response(self, status_code: int) -> None:
         assert isinstance(self.connection, h11.Connection)

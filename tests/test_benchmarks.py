@@ -47,6 +47,12 @@ async def test_every_scenario_runs(tmp_path):
     assert "n/a" not in table.split("\n", 3)[3]  # every figure was measured
 
 
+async def test_connect_benchmark_runs(tmp_path):
+    await quick_run("connect.py", tmp_path, ("node", "npm"))
+    table = (tmp_path / "connect.md").read_text()
+    assert "server CPU per connect, ms" in table and "n/a" not in table
+
+
 async def test_cluster_benchmark_runs(tmp_path):
     await quick_run("cluster.py", tmp_path, ("node", "npm", "redis-server"))
     table = (tmp_path / "cluster.md").read_text()
