@@ -37,7 +37,9 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 MAX_BODY = 64 * 1024
-RATE_LIMITED_PATHS = frozenset({"/anonymous-signin", "/create-room"})
+# what creates something in the store: identities, rooms, login sessions, sign-ins
+RATE_LIMITED = frozenset({("POST", "/anonymous-signin"), ("POST", "/create-room"), ("GET", "/login"),
+                          ("POST", "/api/auth/login/local"), ("GET", "/login/start")})
 MAX_TRACKED_ADDRESSES = 100_000
 
 
@@ -143,7 +145,7 @@ class HttpGuard:
         await self.app(scope, _replay(body or b""), send)
 
     def _rate_limited(self, scope: Scope) -> Refusal | None:
-        if self.limiter is None or scope.get("path") not in RATE_LIMITED_PATHS or scope.get("method") != "POST":
+        if self.limiter is None or (scope.get("method"), scope.get("path")) not in RATE_LIMITED:
             return None
         address = (scope.get("client") or ("?",))[0]
         wait = self.limiter.check(address, trio.current_time())

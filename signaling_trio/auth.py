@@ -14,8 +14,10 @@ import os
 import time
 from typing import Any, Protocol
 
+import orjson
 from joserfc import jwt
 from joserfc.errors import JoseError
+from joserfc.jws import extract_compact
 from joserfc.jwk import KeySet, RSAKey
 
 from .config import ConfigError
@@ -176,6 +178,29 @@ class LocalAuthority:
                                   issuer=self.issuer, audience=self.audience, now=now)
         self.cache.put(token, claims, now)
         return claims
+
+
+def unverified_issuer(token: str) -> str | None:
+    """The `iss` a token claims, before any check: only to pick who verifies it."""
+    try:
+        iss = orjson.loads(extract_compact(token.encode()).payload).get("iss")
+    except Exception:  # joserfc and orjson raise several types for garbage
+        return None
+    return iss if isinstance(iss, str) else None
+
+
+class EitherIssuer:
+    """auth=oidc with a login page: the page's tokens are signed by this server (its
+    own issuer), every other token is the external issuer's."""
+
+    def __init__(self, local: LocalAuthority, external: Verifier) -> None:
+        self.local = local
+        self.external = external
+
+    async def verify(self, token: str) -> dict[str, Any]:
+        if isinstance(token, str) and unverified_issuer(token) == self.local.issuer:
+            return self.local.check(token)
+        return await self.external.verify(token)
 
 
 def _key_from_pem(pem: bytes) -> RSAKey:

@@ -53,6 +53,27 @@ class Settings:
     turn_urls: str = ""
     turn_secret: str | None = None
     turn_ttl: int = 86400
+    login: str = ""  # "" = the default for --auth: open (local) or oidc/off (oidc)
+    login_client_id: str | None = None
+    login_client_secret: str | None = None
+    github_url: str = "https://github.com"
+    github_api_url: str = "https://api.github.com"
+    public_url: str = ""
+    login_state_ttl: float = 300.0
+    status_page: str = "open"
+    operators: str = ""
+
+    @property
+    def login_mode(self) -> str:
+        if self.login:
+            return self.login
+        if self.auth == "local":
+            return "open"
+        return "oidc" if self.login_client_id else "off"
+
+    @property
+    def operator_subjects(self) -> frozenset[str]:
+        return frozenset(x.strip() for x in self.operators.split(",") if x.strip())
 
     def with_changes(self, **changes: Any) -> "Settings":
         return validate(dataclasses.replace(self, **changes))
@@ -94,6 +115,16 @@ _OPTIONS: list[tuple[str, type, str]] = [
     ("turn_urls", str, "comma-separated turn: URLs of a TURN server with shared-secret auth"),
     ("turn_secret", str, "that TURN server's static-auth-secret (coturn use-auth-secret)"),
     ("turn_ttl", int, "seconds a TURN credential is valid"),
+    ("login", str, "the /login page: open, invite, oidc, github or off (default: open with --auth local, "
+                   "oidc with --auth oidc and a --login-client-id, else off)"),
+    ("login_client_id", str, "OAuth client id at the provider (--login oidc or github)"),
+    ("login_client_secret", str, "OAuth client secret (GitHub needs one; an OIDC public client with PKCE does not)"),
+    ("github_url", str, "GitHub's web address (GitHub Enterprise: yours)"),
+    ("github_api_url", str, "GitHub's API address"),
+    ("public_url", str, "this HTTP port's public base URL, for OAuth redirects (default: from the request)"),
+    ("login_state_ttl", float, "seconds a `sleap-rtc login` link, and its result, stay valid"),
+    ("status_page", str, "/status: open, operator (a Bearer whose sub is in --operators) or off"),
+    ("operators", str, "comma-separated subjects (JWT sub) who may see /status with --status-page operator"),
 ]
 
 _DEFAULTS = Settings()
@@ -173,10 +204,31 @@ def _check_choices(s: Settings) -> None:
         raise ConfigError(f"--auth {s.auth!r}: use local or oidc")
     if s.auth == "oidc" and not s.oidc_issuer:
         raise ConfigError("--auth oidc needs --oidc-issuer (or SIGNALING_OIDC_ISSUER)")
+    _check_login(s)
     if s.log_format not in ("text", "json"):
         raise ConfigError(f"--log-format {s.log_format!r}: use text or json")
     if s.log_level.lower() not in ("debug", "info", "warning", "error", "critical"):
         raise ConfigError(f"--log-level {s.log_level!r}: use debug, info, warning or error")
+
+
+def _check_login(s: Settings) -> None:
+    mode = s.login_mode
+    if mode not in ("open", "invite", "oidc", "github", "off"):
+        raise ConfigError(f"--login {mode!r}: use open, invite, oidc, github or off")
+    if s.auth == "oidc" and mode in ("open", "invite"):
+        raise ConfigError(f"--login {mode} names local users; with --auth oidc use --login oidc, github or off")
+    if mode in ("oidc", "github") and not s.login_client_id:
+        raise ConfigError(f"--login {mode} needs --login-client-id (the OAuth app registered at the provider)")
+    if mode == "oidc" and not s.oidc_issuer:
+        raise ConfigError("--login oidc needs --oidc-issuer (the provider's issuer URL)")
+    if mode == "github" and not s.login_client_secret:
+        raise ConfigError("--login github needs --login-client-secret (GitHub OAuth apps exchange codes with it)")
+    if s.status_page not in ("open", "operator", "off"):
+        raise ConfigError(f"--status-page {s.status_page!r}: use open, operator or off")
+    if s.status_page == "operator" and not s.operator_subjects:
+        raise ConfigError("--status-page operator needs --operators (the subjects who may see it)")
+    if s.login_state_ttl <= 0:
+        raise ConfigError("--login-state-ttl must be positive")
 
 
 def _check_ice(s: Settings) -> None:

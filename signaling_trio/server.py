@@ -24,28 +24,34 @@ from ._actors import RoomSupervisor
 from ._http import HttpContext, create_app
 from ._http_accounts import AccountsApi
 from ._http_accounts import add_routes as add_account_routes
+from ._http_pages import PagesApi
+from ._http_pages import add_routes as add_page_routes
 from ._httpguard import HttpGuard
 from ._httpserve import serve_http
 from ._log import DroppingQueueHandler, event
 from ._metrics import Metrics
+from ._oauth import provider_for
 from ._oidc import OidcVerifier
 from ._prometheus import PrometheusExporter
 from ._register import Registrar
 from ._router import LocalRouter, RoomRouter
+from ._status import StatusHistory
 from ._version import __version__
 from ._ws import LiveConnections, WsContext, handle_request, sweep_connections
 from ._wsfix import handle_connection
 from .accounts import Accounts
-from .auth import LocalAuthority, Verifier
+from .auth import EitherIssuer, LocalAuthority, Verifier
 from .cluster import Cluster, RedisTransport
 from .config import ConfigError, Settings
 from .ice import IceConfig
+from .login import Logins
 from .protocol import errors as E
 from .store import Store, StoreUnavailable, open_store
 from .store.redis import RedisStore
 
 PURGE_INTERVAL = 300.0
 EXPIRED_GRACE = 86400.0  # an expired room answers ROOM_EXPIRED for a day, then is purged
+LOGIN_TOKEN_LIFETIME = 7 * 86400  # a JWT from the login page (sleap-rtc keeps it in credentials.json)
 HARD_MAX_FRAME = 1024 * 1024  # beyond this trio-websocket closes with 1009
 
 
@@ -98,11 +104,13 @@ class SignalingServer:
         self.router: RoomRouter = LocalRouter(self.supervisor)
         self.prometheus = PrometheusExporter(self.metrics, self.router)
         self.live = LiveConnections()
+        self.history = StatusHistory(self.metrics_json, time.time)
         self.ice = IceConfig.from_settings(settings.ice_servers, settings.turn_urls, settings.turn_secret,
                                            settings.turn_ttl)
         self.accounts: Accounts
         self._store = store
-        self.local_authority: LocalAuthority | None = None
+        self.local_authority: LocalAuthority | None = None  # auth=local: /anonymous-signin, /jwks
+        self.login_authority: LocalAuthority | None = None  # signs what the login page issues
         self.oidc: OidcVerifier | None = None
         self.verifier: Verifier
         self.info: ServerInfo | None = None
@@ -122,25 +130,32 @@ class SignalingServer:
         """Begin a graceful shutdown; `run` returns when it is done."""
         self._shutdown.set()
 
+    async def _own_key(self) -> LocalAuthority:
+        """This server's signing key: for its tokens (auth=local) and the login page's."""
+        s = self.settings
+        if s.store == "memory":
+            return LocalAuthority.ephemeral(lifetime=s.token_lifetime)
+        if isinstance(self._store, RedisStore):
+            # one key for every instance on this Redis: tokens are valid on all
+            try:
+                pem = await self._store.signing_key(LocalAuthority.new_key_pem())
+            except StoreUnavailable as exc:
+                raise ConfigError(str(exc)) from None
+            return LocalAuthority.from_pem(pem, lifetime=s.token_lifetime)
+        return LocalAuthority.load_or_create(s.data_dir, lifetime=s.token_lifetime)
+
     async def _setup_auth(self) -> None:
         s = self.settings
         if s.auth == "local":
-            if s.store == "memory":
-                self.local_authority = LocalAuthority.ephemeral(lifetime=s.token_lifetime)
-            elif isinstance(self._store, RedisStore):
-                # one key for every instance on this Redis: tokens are valid on all
-                try:
-                    pem = await self._store.signing_key(LocalAuthority.new_key_pem())
-                except StoreUnavailable as exc:
-                    raise ConfigError(str(exc)) from None
-                self.local_authority = LocalAuthority.from_pem(pem, lifetime=s.token_lifetime)
-            else:
-                self.local_authority = LocalAuthority.load_or_create(s.data_dir, lifetime=s.token_lifetime)
+            self.local_authority = self.login_authority = await self._own_key()
             self.verifier = self.local_authority
-        else:
-            assert s.oidc_issuer is not None  # validated in config
-            self.oidc = OidcVerifier(s.oidc_issuer, audience=s.oidc_audience, jwks_url=s.oidc_jwks_url)
-            self.verifier = self.oidc
+            return
+        assert s.oidc_issuer is not None  # validated in config
+        self.oidc = OidcVerifier(s.oidc_issuer, audience=s.oidc_audience, jwks_url=s.oidc_jwks_url)
+        self.verifier = self.oidc
+        if s.login_mode != "off":  # the login page issues this server's own tokens
+            self.login_authority = await self._own_key()
+            self.verifier = EitherIssuer(self.login_authority, self.oidc)
 
     def _setup_router(self) -> None:
         if isinstance(self._store, RedisStore):
@@ -184,6 +199,7 @@ class SignalingServer:
                 if self.oidc is not None:
                     await root.start(self.oidc.run)
                 root.start_soon(self._purge_loop)
+                await root.start(self.history.run)  # /status: rates over the last minutes
                 root.start_soon(sweep_connections, self.live, s)  # every connection's timers
                 await self._serve(root, ws_sock, http_sock, task_status)
                 root.cancel_scope.cancel()
@@ -252,8 +268,16 @@ class SignalingServer:
                           self.prometheus, self._count_room_created)
         app = create_app(ctx)
         add_account_routes(app, AccountsApi(ctx, self.accounts, self.ice.servers_for))
+        add_page_routes(app, PagesApi(ctx, self._logins(), provider_for(s), self.history))
         return HttpGuard(app, rate_limit=s.http_rate_limit, body_timeout=s.http_request_timeout,
                          ws_port=lambda: self.info.ws_port if self.info else None)
+
+    def _logins(self) -> Logins | None:
+        s, authority = self.settings, self.login_authority
+        if s.login_mode == "off" or authority is None:
+            return None
+        return Logins(self.store, self.accounts, lambda sub: authority.issue(sub, lifetime=LOGIN_TOKEN_LIFETIME),
+                      state_ttl=s.login_state_ttl)
 
     def _count_room_created(self) -> None:
         self.metrics.rooms_created += 1

@@ -5,8 +5,9 @@ network namespace of its own (tests/test_sleap_rtc_real.py starts it with `unsha
 
 Sets up `lo` and a veth pair (10.199.0.1/24, 10.199.0.2/24: ICE needs addresses other
 than 127.0.0.1, and nothing can leave the namespace), starts the server (this Python,
-`-m signaling_trio serve`, JSON logs), gives user alice a JWT (`signaling-trio user
-token --write-credentials`), provisions with the real CLI (`room create`, `key create
+`-m signaling_trio serve`, JSON logs), signs user alice in with the real `sleap-rtc
+login` completed in headless Chromium on the server's /login page (tests/browser.py),
+provisions with the real CLI (`room create`, `key create
 --save`), starts `sleap-rtc worker`, waits past the worker's 90 s ping watchdog, runs
 `sleap-rtc train`, then SIGINTs both. Prints one JSON object: what happened, in order,
 read from the server's log and the programs' output; the test asserts on it.
@@ -23,6 +24,8 @@ import sys
 import time
 import urllib.request
 from typing import Any
+
+import browser
 
 SLEAP_RTC, WORKDIR = sys.argv[1:3]
 WATCHDOG_WAIT = float(os.environ.get("E2E_WATCHDOG_WAIT", "100"))  # the worker's watchdog fires at 90 s
@@ -112,12 +115,28 @@ def main() -> None:
         print(json.dumps(result))
 
 
+def login(name: str) -> bool:
+    """`sleap-rtc login` prints its link and polls; Chromium opens the link, signs in
+    and finishes; the CLI then writes credentials.json (used by everything after)."""
+    env = {**ENV, "BROWSER": "true", "SLEAP_DASHBOARD_URL": f"http://{HOST}:8001/login"}
+    log = open(os.path.join(WORKDIR, "login.log"), "wb")
+    proc = subprocess.Popen([SLEAP_RTC, "login", "--timeout", "90"], stdout=log, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL, env=env, cwd=WORKDIR)
+    link = re.compile(r"(http://\S+/login\?cli=true&cli_state=\S+)")
+    if not wait_for("login link", lambda: link.search(log_of("login")), 30):
+        proc.kill()
+        return False
+    with browser.chromium() as driver:
+        browser.local_sign_in(driver, link.search(log_of("login")).group(1), name, account_key=False)
+    step("logged in", login_exit=_exit_code(proc, 30), login_user=credentials().get("user", {}).get("username"))
+    return True
+
+
 def run_job(procs: list[subprocess.Popen[bytes]]) -> None:
     if not wait_for("server listening", lambda: any(e.get("event") == "listening" for e in server_events()), 20):
         return
-    subprocess.run([sys.executable, "-m", "signaling_trio", "user", "token", "alice", "--data-dir",
-                    os.path.join(WORKDIR, "data"), "--write-credentials"], check=True, env=ENV,
-                   capture_output=True)
+    if not login("alice"):
+        return
     out = cli("room", "create", "--name", "e2e", "--expires", "never", stdin="y\n")
     room = credentials().get("default_room")
     step("room created", room=room, room_create_out=out[-500:])

@@ -285,7 +285,10 @@ def malformed_requests(rng, n: int) -> list[tuple[bytes, ...]]:
     broken in every way a parser can be surprised, some cut off mid-way (an early close)."""
     methods = [b"GET", b"POST", b"PUT", b"DELETE", b"G\x00T", b"", b"POST POST", b"\xff\xfe"]
     paths = [b"/health", b"/create-room", b"/extend-room", b"/delete-peers-and-room", b"/anonymous-signin",
-             b"/metrics", b"*", b"", b"/%zz", b"/" + b"a" * 9000, b"http://x/health", b"/\r/", b"/?" + b"&" * 500]
+             b"/metrics", b"/login?cli=true&cli_state=" + b"s" * 43, b"/api/auth/login/local", b"/api/auth/cli/deposit",
+             b"/api/auth/cli/poll?state=" + b"p" * 43, b"/login/callback?code=c&state=s", b"/login/start", b"/status",
+             b"/api/status", b"/static/login.js", b"/static/%2e%2e", b"*", b"", b"/%zz",
+             b"/" + b"a" * 9000, b"http://x/health", b"/\r/", b"/?" + b"&" * 500]
     versions = [
         b"HTTP/1.1",
         b"HTTP/1.0",

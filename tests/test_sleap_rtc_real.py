@@ -17,6 +17,8 @@ import sys
 
 import pytest
 
+import browser
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 HERE = pathlib.Path(__file__).resolve().parent
 
@@ -46,7 +48,7 @@ def _missing() -> str | None:
     for tool in ("unshare", "ip"):
         if shutil.which(tool) is None:
             return f"needs `{tool}` (util-linux / iproute2)"
-    return None
+    return browser.missing()  # `sleap-rtc login` is completed in Chromium
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +69,8 @@ def test_a_job_through_the_server_with_the_real_programs(sleap_rtc, tmp_path):
     assert out.stdout.strip(), out.stderr[-3000:]
     run = json.loads(out.stdout)
     context = json.dumps({k: v for k, v in run.items() if k != "server_log_tail"}, indent=1)[-6000:]
+    # `sleap-rtc login` finished by Chromium on /login; then everything below used its JWT
+    assert run["login_exit"] == 0 and run["login_user"] == "alice", context
     assert run["room"] and run["has_key"], context  # `room create`, `key create --save` through the CLI
     # the worker registered with its account key and stayed: pings kept its 90 s
     # watchdog quiet (no reconnect, no second registration)
