@@ -79,14 +79,24 @@ class Admission:
     sleap_rtc: bool  # today's sleap-rtc dialect: extended registered_auth, JSON pings
 
 
+@dataclass(frozen=True, slots=True)
+class MoveTo:
+    """Admitted, and the room lives in a sibling process on this machine: the connection
+    goes there (`_handoff`), and registers there with this admission."""
+
+    instance: str
+    admission: Admission
+
+
 class Registrar:
     def __init__(self, verifier: Verifier, store: Store, router: RoomRouter, accounts: Accounts,
-                 ice: IceConfig) -> None:
+                 ice: IceConfig, sibling: Callable[[str], bool] | None = None) -> None:
         self.verifier = verifier
         self.store = store
         self.router = router
         self.accounts = accounts
         self.ice = ice
+        self.sibling = sibling  # is this instance a process on this machine we can hand to?
         # one entry per credential kind (protocol/registration.CREDENTIALS)
         self.admits: dict[type, Callable[[Registrant, RegisterRequest, Any], Awaitable[Admission]]] = {
             RoomTokenCredential: self._room_token,
@@ -94,10 +104,25 @@ class Registrar:
             ApiKeyCredential: self._api_key,
         }
 
-    async def register(self, conn: Registrant, req: RegisterRequest) -> Registration | None:
+    async def register(self, conn: Registrant, req: RegisterRequest, *,
+                       movable: bool = False) -> Registration | MoveTo | None:
         """The peer's registration, or None when the room refused it (and told the peer
-        why). ProtocolError for anything refused before the room."""
+        why), or MoveTo when a sibling process owns the room and the connection may move
+        (`movable`: its first registration). ProtocolError for anything refused before
+        the room."""
         admission = await self.admits[type(req.credential)](conn, req, req.credential)
+        if movable and self.sibling is not None and conn.registration is None:
+            try:
+                await self.router.open(admission.room_id)  # (who owns it: a lease look-up)
+            except StoreUnavailable:
+                raise _unavailable("the room store cannot be reached; try again") from None
+            owner = self.router.owner_elsewhere(admission.room_id)
+            if owner is not None and self.sibling(owner):
+                return MoveTo(owner, admission)
+        return await self.enter(conn, req, admission)
+
+    async def enter(self, conn: Registrant, req: RegisterRequest, admission: Admission) -> Registration | None:
+        """Into the admitted room (here, or through its owner elsewhere)."""
         room_id, subject = admission.room_id, admission.identity.subject
         current = conn.registration
         if current is not None and current.room_id != room_id:

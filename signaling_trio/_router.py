@@ -51,6 +51,7 @@ class RoomRouter(Protocol):
     async def call(self, room_id: str, op: str, *args: Any, timeout: float = 5.0) -> Any: ...
     async def find_room(self, peer_id: str) -> str | None: ...
     def note_peer(self, peer_id: str, room_id: str) -> None: ...
+    def owner_elsewhere(self, room_id: str) -> str | None: ...  # the instance owning an opened room, if not us
     def json_fields(self) -> dict[str, Any]: ...  # added to /metrics JSON
     def series(self) -> list[Series]: ...  # added to /metrics in Prometheus formats
     async def stop(self) -> None: ...  # graceful shutdown, after connections are closed
@@ -78,6 +79,9 @@ class LocalRouter:
 
     def note_peer(self, peer_id: str, room_id: str) -> None:
         self.supervisor.note_peer(peer_id, room_id)
+
+    def owner_elsewhere(self, room_id: str) -> str | None:
+        return None
 
     def json_fields(self) -> dict[str, Any]:
         return {}

@@ -3,7 +3,9 @@
 Owns: starting the workers, restarting one that dies, passing SIGINT/SIGTERM on, and the
 exit code. Each worker is an ordinary `signaling-trio serve` process (its own trio loop)
 whose listening sockets set SO_REUSEPORT, so the kernel spreads new connections over
-them; they share rooms through Redis like any other instances (docs/SCALING.md).
+them; they share rooms through Redis like any other instances, and a connection whose
+room another worker owns moves to that worker (a directory of Unix sockets made here:
+`_handoff`, docs/SCALING.md).
 Never touches: sockets, rooms (the workers do).
 """
 
@@ -11,9 +13,11 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Sequence
 
@@ -39,9 +43,20 @@ def _child_argv(argv: Sequence[str]) -> list[str]:
 
 
 def run_workers(settings: Settings, argv: Sequence[str]) -> int:
+    # the workers hand each other connections through Unix sockets here (_handoff)
+    handoff = settings.handoff_dir or tempfile.mkdtemp(prefix="signaling-trio-")  # (mode 0700)
+    try:
+        return _run(settings, argv, handoff)
+    finally:
+        if not settings.handoff_dir:
+            shutil.rmtree(handoff, ignore_errors=True)
+
+
+def _run(settings: Settings, argv: Sequence[str], handoff: str) -> int:
     cmd = [sys.executable, "-m", "signaling_trio", *_child_argv(argv)]
     env = {k: v for k, v in os.environ.items() if k != "SIGNALING_WORKERS"}
     env["SIGNALING_REUSE_PORT"] = "1"
+    env["SIGNALING_HANDOFF_DIR"] = handoff
     stopping: list[int] = []
 
     def on_signal(signum: int, _frame: object) -> None:

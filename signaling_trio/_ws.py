@@ -19,7 +19,7 @@ import itertools
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest
@@ -28,7 +28,8 @@ from . import _log
 from ._actors import Leave, Message
 from ._log import event
 from ._metrics import Metrics
-from ._register import Identity, Registrar, Registration
+from ._register import Identity, MoveTo, Registrar, Registration
+from ._wsmove import install, uninstall
 from ._wsfix import send_many  # also: 1007/1002 close frames
 from .config import Settings
 from .protocol import errors as E
@@ -73,6 +74,9 @@ class WsContext:
     registrar: Registrar
     live: LiveConnections
     observe_register: Callable[[float], None]  # seconds from a register frame to its answer
+    # --workers: hand the connection to the sibling process that owns its room (_handoff);
+    # True when the other process has it
+    mover: Callable[["Connection", MoveTo, str], Awaitable[bool]] | None = None
 
 
 _ids = itertools.count(1)
@@ -91,7 +95,7 @@ class Connection:
         "id", "ctx", "settings", "metrics", "ws", "_outbox", "_nursery", "_writer_token", "_parked",
         "_parked_at", "_send_since", "_pinging", "_register_by",
         "close_code", "close_reason", "registration", "identity",
-        "_bucket", "_rate_error_at", "_last_rx", "_overflowing", "_next_app_ping",
+        "_bucket", "_rate_error_at", "_last_rx", "_overflowing", "_next_app_ping", "moved", "arrival",
     )
 
     def __init__(self, ctx: WsContext, ws: WebSocketConnection) -> None:
@@ -121,6 +125,8 @@ class Connection:
         self._register_by = self._last_rx + self.settings.register_timeout
         self._next_app_ping = self._last_rx + self.settings.app_ping_interval
         self._overflowing = False
+        self.moved = False  # handed to a sibling process: close nothing here
+        self.arrival: Callable[[Connection], Awaitable[None]] | None = None  # handed to us: do this first
 
     def __repr__(self) -> str:
         return f"<Connection {self.id} peer={self.peer_id}>"
@@ -179,50 +185,60 @@ class Connection:
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
                     try:
+                        if self.arrival is not None:
+                            await self.arrival(self)
                         await self._reader()
                     finally:
                         self._nursery = None
                         nursery.cancel_scope.cancel()
         finally:
-            with trio.CancelScope(shield=True):
-                await self.leave_room()
-                code = self.close_code or E.CLOSE_NORMAL
-                self.metrics.closes_by_code[code] += 1
-                with trio.move_on_after(2):
-                    await self.ws.aclose(code, self.close_reason or None)
-            event(
-                logging.INFO, "disconnect", conn=self.id, peer_id=self.peer_id,
-                room_id=self.room_id, code=self.ws.closed.code if self.ws.closed else code,
-            )
+            if self.moved:
+                event(logging.INFO, "moved", conn=self.id)
+            else:
+                await self._closed()
+
+    async def _closed(self) -> None:
+        with trio.CancelScope(shield=True):
+            await self.leave_room()
+            code = self.close_code or E.CLOSE_NORMAL
+            self.metrics.closes_by_code[code] += 1
+            with trio.move_on_after(2):
+                await self.ws.aclose(code, self.close_reason or None)
+        event(
+            logging.INFO, "disconnect", conn=self.id, peer_id=self.peer_id,
+            room_id=self.room_id, code=self.ws.closed.code if self.ws.closed else code,
+        )
 
     async def _reader(self) -> None:
         """Reads frames (the timers are check_timers', called by the sweeper)."""
         max_frame = self.settings.max_frame_bytes
         ws = self.ws
         while True:
-            data = msg = None  # an idle connection keeps no frame alive (a register's id_token)
+            data = None  # an idle connection keeps no frame alive (a register's id_token)
             try:
                 data = await ws.get_message()
             except ConnectionClosed:
                 return
-            now = trio.current_time()
-            self._last_rx = now
-            if not self._take_token(now):
-                continue
-            if not isinstance(data, str):
-                self._error(E.ProtocolError(E.INVALID_MESSAGE, "binary frames are not accepted; send JSON text"))
-                continue
-            if len(data) * 4 > max_frame and len(data.encode()) > max_frame:
-                self._error(E.ProtocolError(
-                    E.MESSAGE_TOO_LARGE, f"frame is larger than {max_frame} bytes"
-                ))
-                continue
-            try:
-                msg = decode(data)
-            except E.ProtocolError as exc:
-                self._error(exc)
-                continue
-            await self._dispatch(msg, data)
+            await self.handle_frame(data, max_frame)
+
+    async def handle_frame(self, data: str | bytes, max_frame: int) -> None:
+        """One frame read (or, for a moved connection, one read before the move)."""
+        now = trio.current_time()
+        self._last_rx = now
+        if not self._take_token(now):
+            return
+        if not isinstance(data, str):
+            self._error(E.ProtocolError(E.INVALID_MESSAGE, "binary frames are not accepted; send JSON text"))
+            return
+        if len(data) * 4 > max_frame and len(data.encode()) > max_frame:
+            self._error(E.ProtocolError(E.MESSAGE_TOO_LARGE, f"frame is larger than {max_frame} bytes"))
+            return
+        try:
+            msg = decode(data)
+        except E.ProtocolError as exc:
+            self._error(exc)
+            return
+        await self._dispatch(msg, data)
 
     def check_timers(self, now: float) -> bool:
         """The connection's deadlines, checked by the sweeper (no awaits). True when it
@@ -284,13 +300,7 @@ class Connection:
             self.metrics.messages_by_type["ping"] += 1
             self.deliver(PONG)
         elif mtype == "register":
-            started = trio.current_time()
-            try:
-                self.registration = await self.ctx.registrar.register(self, parse_register(msg))
-                self.ctx.observe_register(trio.current_time() - started)
-            except E.ProtocolError as exc:
-                exc.extra.setdefault("reason", exc.message)  # v1 clients read "reason"
-                self._error(exc)
+            await self._register(msg, raw)
         elif self.registration is None:
             self._error(E.ProtocolError(E.NOT_IN_ROOM, "Peer not registered in any room"))
         elif mtype in ROOM_TYPES:
@@ -306,6 +316,28 @@ class Connection:
                 self._error(E.ProtocolError(E.NOT_IN_ROOM, "Peer not registered in any room"))
         else:
             self._error(E.ProtocolError(E.UNKNOWN_MESSAGE_TYPE, f"Unknown message type: {mtype}"))
+
+    async def _register(self, msg: dict[str, Any], raw: str) -> None:
+        started = trio.current_time()
+        mover = self.ctx.mover
+        try:
+            req = parse_register(msg)
+            got = await self.ctx.registrar.register(self, req, movable=mover is not None and self.identity is None)
+            if isinstance(got, MoveTo):
+                assert mover is not None and self._nursery is not None
+                if await mover(self, got, raw):
+                    self.moved = True  # the sibling answers the register
+                    self._nursery.cancel_scope.cancel()
+                    return
+                got = await self.ctx.registrar.enter(self, req, got.admission)
+            self.registration = got
+            self.ctx.observe_register(trio.current_time() - started)
+        except E.ProtocolError as exc:
+            exc.extra.setdefault("reason", exc.message)  # v1 clients read "reason"
+            self._error(exc)
+        finally:
+            if not self.moved:
+                uninstall(self.ws)  # moves happen at a first register only: plain reads from now on
 
     def _error(self, exc: E.ProtocolError) -> None:
         self.metrics.errors_by_code[exc.code] += 1
@@ -419,6 +451,13 @@ async def handle_request(ctx: WsContext, request: WebSocketRequest) -> None:
     except (ConnectionClosed, trio.TooSlowError, OSError):
         return
     conn = Connection(ctx, ws)
+    if ctx.mover is not None:
+        install(ws)  # its first register may move it to the sibling that owns the room
+    await serve_connection(ctx, conn)
+
+
+async def serve_connection(ctx: WsContext, conn: Connection) -> None:
+    """A connection's life, with its bookkeeping (also for one moved to us: _handoff)."""
     metrics = ctx.metrics
     metrics.total_connections += 1
     metrics.active_connections += 1

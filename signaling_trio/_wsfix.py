@@ -104,9 +104,16 @@ async def _handle_events(self: WebSocketConnection) -> None:
 
 
 async def _receive(self: WebSocketConnection) -> bool:
-    """Feed wsproto the next bytes; False when the stream has ended."""
+    """Feed wsproto the next bytes; False when the stream has ended (or the reader was
+    stopped to move the connection to another process: `_wsmove`)."""
+    freeze = self.__dict__.get("_st_freeze")
     try:
-        data = await self._stream.receive_some(self._receive_buffer_size)
+        if freeze is None:
+            data = await self._stream.receive_some(self._receive_buffer_size)
+        else:
+            data = await freeze.receive(self)
+            if data is None:
+                return False
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         await self._abort_web_socket()
         return False
@@ -171,8 +178,12 @@ async def handle_connection(server: WebSocketServer, stream: trio.SocketStream) 
         try:
             await server._handler(request)
         finally:
-            with trio.move_on_after(server._disconnect_timeout):
-                await connection.aclose()
+            freeze = connection.__dict__.get("_st_freeze")
+            if freeze is None or not freeze.moved:  # (a moved connection is another process's now)
+                with trio.move_on_after(server._disconnect_timeout):
+                    await connection.aclose()
+            else:
+                nursery.cancel_scope.cancel()
 
 
 async def _read_then_give_up(connection: WebSocketConnection) -> None:

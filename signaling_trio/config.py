@@ -48,6 +48,7 @@ class Settings:
     http_rate_limit: float = 600.0
     http_request_timeout: float = 10.0
     reuse_port: bool = False  # set for --workers' children (SIGNALING_REUSE_PORT=1)
+    handoff_dir: str = ""
     app_ping_interval: float = 20.0
     ice_servers: str = "[]"
     turn_urls: str = ""
@@ -110,6 +111,8 @@ _OPTIONS: list[tuple[str, type, str]] = [
     ("http_rate_limit", float, "sign-ins and room creations per minute per client address (0 turns it off)"),
     ("http_request_timeout", float, "seconds an HTTP request's body may take to arrive"),
     ("workers", int, "processes sharing the ports (SO_REUSEPORT); more than 1 needs --store redis://"),
+    ("handoff_dir", str, "a directory shared by instances on this machine: a connection moves to the one that "
+                         "owns its room (--workers sets one up)"),
     ("app_ping_interval", float, "seconds between JSON pings to sleap-rtc connections (at most 30)"),
     ("ice_servers", str, "JSON list of RTCIceServer objects handed to sleap-rtc peers, or @FILE"),
     ("turn_urls", str, "comma-separated turn: URLs of a TURN server with shared-secret auth"),
@@ -259,6 +262,8 @@ def _check_numbers(s: Settings) -> None:
         raise ConfigError(
             "--workers above 1 needs --store redis://HOST:PORT/DB (the workers share rooms through Redis)"
         )
+    if s.handoff_dir and not s.store.startswith("redis://"):
+        raise ConfigError("--handoff-dir needs --store redis://HOST:PORT/DB (rooms are found through Redis)")
     if s.workers > 1 and 0 in (s.ws_port, s.http_port):
         raise ConfigError("--workers above 1 needs fixed ports (the workers share them)")
     for name in ("rate_limit", "http_rate_limit"):

@@ -7,6 +7,7 @@ WebSocket, flush the store, return).
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import errno
 import logging
@@ -21,6 +22,7 @@ from trio_websocket import WebSocketServer
 
 from ._accept import serve_listener
 from ._actors import RoomSupervisor
+from ._handoff import Hub
 from ._http import HttpContext, create_app
 from ._http_accounts import AccountsApi
 from ._http_accounts import add_routes as add_account_routes
@@ -105,6 +107,7 @@ class SignalingServer:
         self.prometheus = PrometheusExporter(self.metrics, self.router)
         self.live = LiveConnections()
         self.history = StatusHistory(self.metrics_json, time.time)
+        self.hub: Hub | None = None  # --workers: connections handed between sibling processes
         self.ice = IceConfig.from_settings(settings.ice_servers, settings.turn_urls, settings.turn_secret,
                                            settings.turn_ttl)
         self.accounts: Accounts
@@ -216,10 +219,13 @@ class SignalingServer:
         """Both ports until shutdown; then the graceful part of it."""
         s = self.settings
         assert self.info is not None
+        ws_context = self._ws_context()
+        if s.handoff_dir and isinstance(self.router, Cluster):
+            ws_context = await self._start_handoff(root, ws_context)
         async with trio.open_nursery() as listeners:
             ws_listener = trio.SocketListener(trio.socket.from_stdlib_socket(ws_sock))
             ws_server = WebSocketServer(
-                partial(handle_request, self._ws_context()),
+                partial(handle_request, ws_context),
                 [ws_listener],  # accepted by serve_listener, not ws_server.run
                 handler_nursery=root,
                 # a few frames of read-ahead per connection: fewer task switches
@@ -255,6 +261,15 @@ class SignalingServer:
             await self.router.stop()
             # hypercorn drains within its graceful_timeout; never wait longer.
             listeners.cancel_scope.deadline = trio.current_time() + 1.5
+
+    async def _start_handoff(self, root: trio.Nursery, ctx: WsContext) -> WsContext:
+        """Sibling processes (--workers): connections move to the owner of their room."""
+        assert isinstance(self.router, Cluster)
+        hub = self.hub = Hub(self.settings.handoff_dir, self.router.id, root.start_soon)
+        hub.ctx = ctx = dataclasses.replace(ctx, mover=hub.move)
+        ctx.registrar.sibling = hub.is_sibling
+        await root.start(hub.run)
+        return ctx
 
     def _ws_context(self) -> WsContext:
         registrar = Registrar(self.verifier, self.store, self.router, self.accounts, self.ice)
@@ -315,7 +330,11 @@ class SignalingServer:
             "connection_crashes": m.connection_crashes,
             "log_lines_dropped": DroppingQueueHandler.dropped,
             "uptime_sec": round(time.time() - self.started_at, 3),
-        } | self.router.json_fields()
+        } | self.router.json_fields() | self._handoff_fields()
+
+    def _handoff_fields(self) -> dict[str, int]:
+        hub = self.hub
+        return {} if hub is None else {"handed_over": hub.given, "handed_in": hub.taken}
 
 
 async def serve(settings: Settings, *, task_status: trio.TaskStatus[ServerInfo] = trio.TASK_STATUS_IGNORED) -> None:

@@ -211,7 +211,7 @@ ANSWER_BOUND = 10.0
 
 
 @asynccontextmanager
-async def server_process(url: str) -> AsyncIterator[Any]:
+async def server_process(url: str, handoff_dir: str | None = None) -> AsyncIterator[Any]:
     """A separate `signaling-trio serve` process on this Redis (to be SIGKILLed)."""
     import subprocess
     import sys
@@ -222,7 +222,8 @@ async def server_process(url: str) -> AsyncIterator[Any]:
     ws_port, http_port = free_port(), free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "signaling_trio", "serve", "--host", "127.0.0.1", "--ws-port", str(ws_port),
-         "--http-port", str(http_port), "--store", url, "--log-level", "warning"],
+         "--http-port", str(http_port), "--store", url, "--log-level", "warning",
+         *(["--handoff-dir", handoff_dir] if handoff_dir else [])],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
 
@@ -392,11 +393,14 @@ async def test_workers_share_the_ports_and_the_rooms(redis):
 
             async def spread() -> Any:
                 views = [(await front.http("GET", "/metrics"))[1] for _ in range(8)]
-                by_instance = {v["instance"]: v["open_websockets"] for v in views}
-                return len(by_instance) == 2 and sum(by_instance.values()) == 16 and by_instance
+                by_instance = {v["instance"]: (v["open_websockets"], v["handed_over"]) for v in views}
+                return len(by_instance) == 2 and sum(n for n, _ in by_instance.values()) == 16 and by_instance
 
             by_instance = await eventually(spread)
-            assert all(n > 0 for n in by_instance.values())  # the kernel used both workers
+            # the kernel spread the connects over both workers, and those that reached the
+            # worker not owning the room moved to the one that does: all 16 share a process
+            assert sorted(n for n, _ in by_instance.values()) == [0, 16]
+            assert sum(h for _, h in by_instance.values()) > 0
             # every peer reaches the next one, whichever worker each is on
             for i, p in enumerate(peers):
                 await p.send(

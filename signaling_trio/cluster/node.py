@@ -407,6 +407,13 @@ class Cluster:
     async def find_room(self, peer_id: str) -> str | None:
         return self.supervisor.last_room.get(peer_id) or await self.upkeep.find_room(peer_id)
 
+    def owner_elsewhere(self, room_id: str) -> str | None:
+        """Another instance, if it owns this room (as far as the link opened for it knows)."""
+        link = self.links.get(room_id)
+        if link is None or link.actor is not None or link.owner in (None, self.id):
+            return None
+        return link.owner
+
     def json_fields(self) -> dict[str, Any]:
         return {"instance": self.id, "cluster": dict(self.upkeep.view)} | {s.name: s.value for s in self.series()
                                                                            if s.kind == "counter"}

@@ -1,0 +1,95 @@
+"""One machine's cores: `--workers 2` against `--workers 1`, interleaved, per-round ratios.
+
+    python benchmarks/workers.py                 # 3 rounds of 5 s each, table to stdout
+    python benchmarks/workers.py --rounds 5
+    python benchmarks/workers.py --quick         # a smoke run (the test suite runs this)
+
+Scenario (issue 16): 50 rooms of 2 peers, 4 messages in flight per pair (a `peer_message`
+each way, echoed), every peer connecting to the one shared port (the kernel's
+SO_REUSEPORT picks a worker). Both servers on a fresh redis-server (`--store redis://`),
+nothing pinned (with 2 workers every core is in use; the load generator shares them).
+Per round: delivered msgs/s, RTT p50, and the CPU of all server processes (the
+`--workers` parent and its workers) and of Redis per delivered message; the ratios are
+taken within the round, then their median is shown with every round's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+from typing import Any
+
+from cluster import redis_server, instance, new_rooms, relay
+from run import HERE, ensure_node_modules
+
+PAIRS, INFLIGHT = 50, 4
+
+
+def one(n: int, duration: float, pairs: int) -> dict[str, Any]:
+    with redis_server() as r, instance(r["url"], workers=n) as w:
+        token, rooms = new_rooms(w["http"], pairs)  # one room per pair
+        res = relay(w["ws_url"], w["ws_url"], token, rooms, pairs, INFLIGHT, duration, [w["pid"]], r["pid"])
+    delivered = res["msgs_per_s"]
+    res["server_cpu_us_per_msg"] = 1e6 * res["server_cpu_pct"] / 100 / max(delivered, 1e-9)
+    res["redis_cpu_us_per_msg"] = 1e6 * res["redis_cpu_pct"] / 100 / max(delivered, 1e-9)
+    return res
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--seconds", type=float, default=5.0)
+    ap.add_argument("--out", default=os.path.join(HERE, "results"))
+    args = ap.parse_args()
+    rounds, dur, pairs = (1, 0.5, 4) if args.quick else (args.rounds, args.seconds, PAIRS)
+    ensure_node_modules()
+    per: list[dict[str, Any]] = []
+    for _ in range(rounds):
+        w1, w2 = one(1, dur, pairs), one(2, dur, pairs)
+        per.append({"w1": w1, "w2": w2, "throughput": w2["msgs_per_s"] / w1["msgs_per_s"],
+                    "rtt": w2["rtt_p50_ms"] / w1["rtt_p50_ms"],
+                    "cpu": w2["server_cpu_us_per_msg"] / w1["server_cpu_us_per_msg"]})
+        print(json.dumps({k: v if not isinstance(v, dict) else {x: round(y, 2) for x, y in v.items()
+                                                                 if isinstance(y, (int, float))}
+                          for k, v in per[-1].items()}), flush=True)
+
+    def med(key: str, side: str | None = None) -> float:
+        return statistics.median(r[side][key] if side else r[key] for r in per)
+
+    def each(key: str) -> str:
+        return ", ".join(f"{r[key]:.2f}" for r in per)
+
+    lines = [
+        f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; "
+        f"{pairs} rooms of 2 peers, {INFLIGHT} in flight, {dur:g} s per run, {rounds} rounds",
+        "",
+        "| figure | --workers 1 | --workers 2 | ratio 2/1 (median; every round) |",
+        "|---|---|---|---|",
+        f"| delivered msgs/s | {med('msgs_per_s', 'w1'):,.0f} | {med('msgs_per_s', 'w2'):,.0f} | "
+        f"{med('throughput'):.2f} ({each('throughput')}) |",
+        f"| RTT p50 ms | {med('rtt_p50_ms', 'w1'):.2f} | {med('rtt_p50_ms', 'w2'):.2f} | "
+        f"{med('rtt'):.2f} ({each('rtt')}) |",
+        f"| server CPU per msg, us (all processes) | {med('server_cpu_us_per_msg', 'w1'):.1f} | "
+        f"{med('server_cpu_us_per_msg', 'w2'):.1f} | {med('cpu'):.2f} ({each('cpu')}) |",
+        f"| server CPU % (all processes) | {med('server_cpu_pct', 'w1'):.0f} | {med('server_cpu_pct', 'w2'):.0f} | |",
+        f"| Redis CPU per msg, us | {med('redis_cpu_us_per_msg', 'w1'):.1f} | "
+        f"{med('redis_cpu_us_per_msg', 'w2'):.1f} | |",
+        f"| load generator CPU % | {med('loadgen_cpu_pct', 'w1'):.0f} | {med('loadgen_cpu_pct', 'w2'):.0f} | |",
+    ]
+    table = "\n".join(lines)
+    print("\n" + table)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "workers.md"), "w") as f:
+        f.write(table + "\n")
+    with open(os.path.join(args.out, "workers.json"), "w") as f:
+        json.dump(per, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,157 @@
+"""Connections handed between sibling processes (`--handoff-dir`, which `--workers` sets
+up): a peer whose room another instance on this machine owns moves there at its first
+register, descriptor and all (signaling_trio/_handoff.py, docs/SCALING.md).
+
+Two in-process instances share a handoff directory and a real redis-server, so the test
+knows which one each peer dialled; `--workers 2` is covered in test_cluster.py."""
+
+from __future__ import annotations
+
+import json
+import signal
+from contextlib import AsyncExitStack
+from typing import Any
+
+import pytest
+import trio
+from trio_websocket import open_websocket_url
+from wsproto import ConnectionType
+from wsproto.connection import Connection as WsprotoConnection
+from wsproto.events import TextMessage
+
+from conftest import register, ws_peer
+from rawws import frame, raw_connect
+from signaling_trio.testing import open_test_server
+from test_cluster import ANSWER_BOUND, ask_through, server_process
+
+
+def cluster_sent(server: Any) -> int:
+    return server.server.router.metrics.cluster_sent
+
+
+async def test_a_moved_connection_keeps_its_order_identity_and_limits(redis, tmp_path):
+    limits = {"rate_limit": 0.001, "rate_burst": 6}  # 6 frames, then RATE_LIMITED (no refill in the test)
+    async with open_test_server(store=redis.url, handoff_dir=str(tmp_path), **limits) as a, \
+            open_test_server(store=redis.url, handoff_dir=str(tmp_path), **limits) as b:
+        room = await a.new_room()
+        async with ws_peer(a.ws_url) as worker, open_websocket_url(b.ws_url) as client:
+            assert (await register(worker, room, "gpu", role="worker"))["type"] == "registered_auth"  # A owns it
+            sent_before = cluster_sent(a) + cluster_sent(b)
+            # the client dials B and sends its register and ten messages without waiting:
+            # whatever B read before the move travels with the descriptor, in order
+            await client.send_message(json.dumps({"type": "register", "peer_id": "laptop", "role": "client",
+                                                  "room_id": room["room_id"], "token": room["token"],
+                                                  "id_token": room["id_token"]}))
+            for i in range(10):
+                await client.send_message(json.dumps({"type": "peer_message", "to_peer_id": "gpu", "payload": i}))
+            answers = [json.loads(await client.get_message()) for _ in range(2)]
+            assert [m["type"] for m in answers] == ["registered_auth", "error"], answers
+            assert answers[1]["code"] == "RATE_LIMITED"
+            # the bucket came along: the register took one token at B, five messages pass
+            got = [await worker.recv_type("peer_message") for _ in range(5)]
+            assert [m["payload"] for m in got] == [0, 1, 2, 3, 4]
+            assert {m["from_peer_id"] for m in got} == {"laptop"}  # bound to the identity it registered
+            assert await worker.nothing_pending()
+            assert b.server.hub.given == 1 and a.server.hub.taken == 1
+            assert a.server.metrics.active_connections == 2 and b.server.metrics.active_connections == 0
+            assert cluster_sent(a) + cluster_sent(b) == sent_before  # nothing went through Redis
+            # re-registering on the same socket (as sleap-rtc does after a job) stays where it is
+            await trio.sleep(1.5)  # (a token for it)
+
+
+async def test_a_moved_connection_re_registers_and_is_answered_by_its_new_process(redis, tmp_path):
+    async with open_test_server(store=redis.url, handoff_dir=str(tmp_path)) as a, \
+            open_test_server(store=redis.url, handoff_dir=str(tmp_path)) as b:
+        room = await a.new_room()
+        async with ws_peer(a.ws_url) as worker, ws_peer(b.ws_url) as client:
+            assert (await register(worker, room, "gpu", role="worker"))["type"] == "registered_auth"
+            for _ in range(3):  # the v2 clients re-register on the same socket after every job
+                reply = await register(client, room, "laptop", role="client")
+                assert reply["type"] == "registered_auth" and reply["peer_id"] == "laptop"
+            reply = await client.request({"type": "discover_peers", "filters": {"role": "worker"}})
+            assert [p["peer_id"] for p in reply["peers"]] == ["gpu"]
+            await client.send({"type": "offer", "target": "gpu", "sdp": "v=0"})
+            assert (await worker.recv_type("offer"))["sender"] == "laptop"
+            assert b.server.hub.given == 1 and a.server.hub.taken == 1
+        # a room B owns keeps B's peers at B
+        other = await b.new_room()
+        async with ws_peer(b.ws_url) as p, ws_peer(a.ws_url) as q:
+            assert (await register(p, other, "p"))["type"] == "registered_auth"
+            assert (await register(q, other, "q"))["type"] == "registered_auth"
+            assert a.server.hub.given == 1 and b.server.hub.taken == 1
+
+
+async def test_a_sibling_that_is_gone_leaves_the_connection_here(redis, tmp_path):
+    """The owner's socket file is there but nobody listens (a SIGKILLed worker): the
+    connection registers where it is, through Redis, and is answered."""
+    async with open_test_server(store=redis.url, handoff_dir=str(tmp_path)) as b:
+        room = await b.new_room()
+        async with server_process(redis.url, handoff_dir=str(tmp_path)) as a:
+            async with ws_peer(a.ws_url) as worker:
+                assert (await register(worker, room, "gpu", role="worker"))["type"] == "registered_auth"
+                a.send_signal(signal.SIGKILL)
+                a.wait(timeout=10)
+        assert any(p.suffix == ".sock" for p in tmp_path.iterdir())  # (a SIGKILL unlinks nothing)
+        async with ws_peer(b.ws_url) as client:
+            with trio.fail_after(ANSWER_BOUND + 5):
+                reply = await register(client, room, "laptop", role="client")
+            assert reply["type"] == "registered_auth"
+            assert b.server.hub.given == 0
+
+
+async def test_killing_a_worker_mid_traffic_loses_no_answer(redis, tmp_path):
+    """Peers that dialled B were moved to A (the room's owner); B is SIGKILLed while they
+    and A's own peers keep a request in flight: every request is answered, once."""
+    async with open_test_server(store=redis.url, handoff_dir=str(tmp_path)) as a:
+        room = await a.new_room()
+        async with server_process(redis.url, handoff_dir=str(tmp_path)) as b, AsyncExitStack() as stack:
+            owner = await stack.enter_async_context(ws_peer(a.ws_url))
+            assert (await register(owner, room, "owner", role="worker"))["type"] == "registered_auth"
+            askers = {}
+            for i in range(6):
+                peer = await stack.enter_async_context(ws_peer(b.ws_url if i % 2 else a.ws_url))
+                assert (await register(peer, room, f"p{i}", role="client"))["type"] == "registered_auth"
+                askers[f"p{i}"] = peer
+            assert a.server.hub.taken == 3  # the three that dialled B are served by A
+
+            async def kill() -> None:
+                b.send_signal(signal.SIGKILL)
+
+            log = await ask_through(kill, askers, before=0.5, after=2.0)
+            assert {name for name, _ in log} == set(askers)
+            assert max(t for _, t in log) < ANSWER_BOUND
+
+
+@pytest.mark.parametrize("cut", [False, True])
+async def test_frames_read_before_the_move_travel_with_it(redis, tmp_path, cut):
+    """Register and twelve messages in one TCP write: B reads them all before it moves
+    the connection, so they travel as queued frames. With the write ending in the middle
+    of a frame (`cut`), B is not at a frame boundary: it keeps the connection (through
+    Redis) and reads on. Either way every message arrives, in order."""
+    async with open_test_server(store=redis.url, handoff_dir=str(tmp_path), rate_limit=0) as a, \
+            open_test_server(store=redis.url, handoff_dir=str(tmp_path), rate_limit=0) as b:
+        room = await a.new_room()
+        async with ws_peer(a.ws_url) as worker:
+            assert (await register(worker, room, "gpu", role="worker"))["type"] == "registered_auth"
+            stream = await raw_connect(int(b.ws_url.rsplit(":", 1)[1].strip("/")))
+            reg = {"type": "register", "peer_id": "laptop", "room_id": room["room_id"], "token": room["token"],
+                   "id_token": room["id_token"], "role": "client"}
+            frames = [frame(1, json.dumps(reg).encode())] + [
+                frame(1, json.dumps({"type": "peer_message", "to_peer_id": "gpu", "payload": i}).encode())
+                for i in range(13)]
+            data = b"".join(frames)
+            head, tail = (data[:-10], data[-10:]) if cut else (data, b"")
+            await stream.send_all(head)
+            client = WsprotoConnection(ConnectionType.CLIENT)
+            with trio.fail_after(5):
+                got: list[dict[str, Any]] = []
+                while not got:
+                    client.receive_data(await stream.receive_some(65536))
+                    got += [json.loads(e.data) for e in client.events() if isinstance(e, TextMessage)]
+            assert got[0]["type"] == "registered_auth"
+            if tail:
+                await stream.send_all(tail)
+            payloads = [(await worker.recv_type("peer_message"))["payload"] for _ in range(13)]
+            assert payloads == list(range(13))
+            assert (b.server.hub.given, a.server.hub.taken) == ((0, 0) if cut else (1, 1))
+            await stream.aclose()
