@@ -53,6 +53,12 @@ async def test_connect_benchmark_runs(tmp_path):
     assert "server CPU per connect, ms" in table and "n/a" not in table
 
 
+async def test_workers_benchmark_runs(tmp_path):
+    await quick_run("workers.py", tmp_path, ("node", "npm", "redis-server"))
+    table = (tmp_path / "workers.md").read_text()
+    assert "delivered msgs/s" in table and "server CPU per msg" in table
+
+
 async def test_cluster_benchmark_runs(tmp_path):
     await quick_run("cluster.py", tmp_path, ("node", "npm", "redis-server"))
     table = (tmp_path / "cluster.md").read_text()
