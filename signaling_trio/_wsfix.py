@@ -37,7 +37,10 @@ import trio
 import trio_websocket
 import wsproto.utilities
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketServer
+
+from ._wshandshake import MAX_HEAD, accept_response, fast_key
 from wsproto import ConnectionType, WSConnection
+from wsproto.connection import Connection as WsprotoConnection
 from wsproto.connection import ConnectionState
 from wsproto.events import (
     AcceptConnection,
@@ -163,18 +166,31 @@ async def handle_connection(server: WebSocketServer, stream: trio.SocketStream) 
     if trio_websocket.__version__ not in _READER_FOR:
         await server._handle_connection(stream)
         return
+    head = b""
+    with trio.move_on_after(server._connect_timeout):
+        head = await _read_head(stream)
+    if not head:
+        return  # closed, or nothing in time: the caller closes the stream
+    end = head.find(b"\r\n\r\n") + 4
+    key = fast_key(head[:end]) if end >= 4 else None
     async with trio.open_nursery() as nursery:
-        connection = WebSocketConnection(
-            stream, WSConnection(ConnectionType.SERVER), message_queue_size=server._message_queue_size,
-            max_message_size=server._max_message_size, receive_buffer_size=server._receive_buffer_size)
-        nursery.start_soon(_read_then_give_up, connection)
-        request = None
-        with trio.move_on_after(server._connect_timeout):
-            request = await connection._get_request()
-        if request is None or request is _ABANDONED:
-            nursery.cancel_scope.cancel()
-            await stream.aclose()
-            return
+        if key is not None:  # the usual request: answered here (_wshandshake)
+            connection = open_connection(stream, head[end:], message_queue_size=server._message_queue_size,
+                                         max_message_size=server._max_message_size)
+            request: object = _Accepted(connection, accept_response(key), nursery)
+        else:  # anything else: wsproto reads it (from the bytes already read) and decides
+            connection = WebSocketConnection(
+                stream, WSConnection(ConnectionType.SERVER), message_queue_size=server._message_queue_size,
+                max_message_size=server._max_message_size, receive_buffer_size=server._receive_buffer_size)
+            connection._wsproto.receive_data(head)
+            nursery.start_soon(_read_then_give_up, connection)
+            request = None
+            with trio.move_on_after(server._connect_timeout):
+                request = await connection._get_request()
+            if request is None or request is _ABANDONED:
+                nursery.cancel_scope.cancel()
+                await stream.aclose()
+                return
         try:
             await server._handler(request)
         finally:
@@ -184,6 +200,53 @@ async def handle_connection(server: WebSocketServer, stream: trio.SocketStream) 
                     await connection.aclose()
             else:
                 nursery.cancel_scope.cancel()
+
+
+async def _read_head(stream: trio.SocketStream) -> bytes:
+    """Bytes up to the end of the request's head (and whatever came with it), or all
+    that came before the client closed or MAX_HEAD was passed."""
+    head = b""
+    while b"\r\n\r\n" not in head and len(head) < MAX_HEAD:
+        try:
+            data = await stream.receive_some(65536)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return b""
+        if not data:
+            return b""  # closed before its request was complete
+        head += data
+    return head
+
+
+class _Accepted:
+    """What `WebSocketRequest` is to the handler (`accept()` is all it calls), for a
+    request answered by _wshandshake: accept sends the 101, then starts the reader."""
+
+    def __init__(self, ws: WebSocketConnection, response: bytes, nursery: trio.Nursery) -> None:
+        self.ws, self.response, self.nursery = ws, response, nursery
+
+    async def accept(self) -> WebSocketConnection:
+        ws = self.ws
+        async with ws._stream_lock:
+            try:
+                await ws._stream.send_all(self.response)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                await ws._abort_web_socket()
+                raise ConnectionClosed(ws._close_reason) from None
+        ws._open_handshake.set()
+        self.nursery.start_soon(_reader_task, ws)
+        return ws
+
+
+def open_connection(stream: trio.SocketStream, leftover: bytes, *, message_queue_size: int,
+                    max_message_size: int) -> WebSocketConnection:
+    """A server connection past its handshake: OPEN, no extensions (trio-websocket
+    negotiates none), `leftover` received and not yet parsed. Its reader is not started."""
+    wsc = WSConnection(ConnectionType.SERVER)
+    wsc.connection = WsprotoConnection(ConnectionType.SERVER, extensions=[], trailing_data=leftover)
+    ws = WebSocketConnection(stream, wsc, path="/", message_queue_size=message_queue_size,
+                             max_message_size=max_message_size)
+    ws._connection_proposal = None
+    return ws
 
 
 async def _read_then_give_up(connection: WebSocketConnection) -> None:

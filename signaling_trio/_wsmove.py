@@ -22,11 +22,9 @@ from dataclasses import dataclass
 import trio
 import trio_websocket
 from trio_websocket import WebSocketConnection
-from wsproto import ConnectionType, WSConnection
-from wsproto.connection import Connection as WsprotoConnection
 from wsproto.connection import ConnectionState
 
-from ._wsfix import _READER_FOR, _reader_task
+from ._wsfix import _READER_FOR, _reader_task, open_connection
 
 MOVABLE = trio_websocket.__version__ in _READER_FOR
 FREEZE_TIMEOUT = 2.0
@@ -117,11 +115,8 @@ def thaw(ws: WebSocketConnection, frozen: Frozen, nursery: trio.Nursery, queue_s
 def adopt(stream: trio.SocketStream, leftover: bytes, *, message_queue_size: int,
           max_message_size: int) -> WebSocketConnection:
     """A connection another process accepted: OPEN, no extensions, `leftover` unparsed."""
-    wsc = WSConnection(ConnectionType.SERVER)
-    wsc.connection = WsprotoConnection(ConnectionType.SERVER, extensions=[], trailing_data=leftover)
-    ws = WebSocketConnection(stream, wsc, path="/", message_queue_size=message_queue_size,
-                             max_message_size=max_message_size)
-    ws._connection_proposal = None
+    ws = open_connection(stream, leftover, message_queue_size=message_queue_size,
+                         max_message_size=max_message_size)
     ws._open_handshake.set()
     return ws
 
