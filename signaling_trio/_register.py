@@ -179,15 +179,25 @@ class Registrar:
         """The room's record: it exists, `token` (if given) is its token, and it has not
         expired (unless the peer is in it)."""
         record = await self._stored(self.store.get_room, room_id)
+        if record is not None and self._refused(conn, record, token) is not None:
+            # a kept copy may be stale (extended elsewhere): a refusal is the store's to say
+            record = await self._stored(self.store.get_room, room_id, True)
         if record is None:
             raise E.ProtocolError(E.ROOM_NOT_FOUND, f"Room {room_id} not found")
-        if token is not None and not record.token_matches(token):
-            raise E.ProtocolError(E.INVALID_ROOM_TOKEN, "Invalid room token")
-        current = conn.registration
-        already_here = current is not None and current.room_id == room_id
-        if record.expires_at <= time.time() and not already_here:
-            raise E.ProtocolError(E.ROOM_EXPIRED, f"Room {room_id} expired")
+        refusal = self._refused(conn, record, token)
+        if refusal is not None:
+            raise refusal
         return record
+
+    @staticmethod
+    def _refused(conn: Registrant, record: RoomRecord, token: str | None) -> E.ProtocolError | None:
+        if token is not None and not record.token_matches(token):
+            return E.ProtocolError(E.INVALID_ROOM_TOKEN, "Invalid room token")
+        current = conn.registration
+        already_here = current is not None and current.room_id == record.room_id
+        if record.expires_at <= time.time() and not already_here:
+            return E.ProtocolError(E.ROOM_EXPIRED, f"Room {record.room_id} expired")
+        return None
 
     @staticmethod
     async def _stored(fn: Callable[..., Awaitable[Any]], *args: Any) -> Any:

@@ -11,6 +11,7 @@ import dataclasses
 import datetime
 import errno
 import logging
+import math
 import socket
 import time
 from dataclasses import dataclass
@@ -49,6 +50,7 @@ from .ice import IceConfig
 from .login import Logins
 from .protocol import errors as E
 from .store import Store, StoreUnavailable, open_store
+from .store.cache import RoomCache
 from .store.redis import RedisStore
 
 PURGE_INTERVAL = 300.0
@@ -188,7 +190,10 @@ class SignalingServer:
 
     async def _run(self, task_status: trio.TaskStatus[ServerInfo]) -> None:
         s = self.settings
-        self.accounts = Accounts(self.store)
+        # room records for the register path; every write goes through it. Redis's rooms
+        # are changed by other instances too: nothing is kept for those
+        self.rooms = RoomCache(self.store, ttl=0 if isinstance(self._store, RedisStore) else math.inf)
+        self.accounts = Accounts(self.rooms)
         ws_sock, http_sock = self._bind_both()
         try:
             try:
@@ -272,13 +277,13 @@ class SignalingServer:
         return ctx
 
     def _ws_context(self) -> WsContext:
-        registrar = Registrar(self.verifier, self.store, self.router, self.accounts, self.ice)
+        registrar = Registrar(self.verifier, self.rooms, self.router, self.accounts, self.ice)
         return WsContext(self.settings, self.metrics, registrar, self.live, self.prometheus.register_seconds.observe)
 
     def _http_app(self) -> HttpGuard:
         s = self.settings
         oidc = self.oidc
-        ctx = HttpContext(s, self.store, self.verifier, lambda: self.local_authority,
+        ctx = HttpContext(s, self.rooms, self.verifier, lambda: self.local_authority,
                           (lambda: oidc.ready) if oidc is not None else None, self.router, self.metrics_json,
                           self.prometheus, self._count_room_created)
         app = create_app(ctx)
@@ -291,7 +296,7 @@ class SignalingServer:
         s, authority = self.settings, self.login_authority
         if s.login_mode == "off" or authority is None:
             return None
-        return Logins(self.store, self.accounts, lambda sub: authority.issue(sub, lifetime=LOGIN_TOKEN_LIFETIME),
+        return Logins(self.rooms, self.accounts, lambda sub: authority.issue(sub, lifetime=LOGIN_TOKEN_LIFETIME),
                       state_ttl=s.login_state_ttl)
 
     def _count_room_created(self) -> None:
@@ -304,7 +309,7 @@ class SignalingServer:
         while True:
             await trio.sleep(PURGE_INTERVAL)
             try:
-                n = await self.store.purge_expired(time.time() - EXPIRED_GRACE)
+                n = await self.rooms.purge_expired(time.time() - EXPIRED_GRACE)
                 if n:
                     event(logging.INFO, "rooms purged", count=n)
             except Exception as exc:  # the store may be down; /health reports it

@@ -28,7 +28,7 @@ class MemoryStore(ClosingStore):
     async def create_room(self, room: RoomRecord) -> None:
         self._rooms[room.room_id] = room
 
-    async def get_room(self, room_id: str) -> RoomRecord | None:
+    async def get_room(self, room_id: str, fresh: bool = False) -> RoomRecord | None:
         return self._rooms.get(room_id)
 
     async def set_expiry(self, room_id: str, expires_at: float) -> bool:

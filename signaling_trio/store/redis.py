@@ -109,7 +109,7 @@ class RedisStore:
         else:
             await self._client.expireat(key, int(expires_at + GRACE))
 
-    async def get_room(self, room_id: str) -> RoomRecord | None:
+    async def get_room(self, room_id: str, fresh: bool = False) -> RoomRecord | None:
         data = await self._call(lambda: self._client.hgetall(_room_key(room_id)))
         if not data:
             return None

@@ -70,7 +70,7 @@ class SqliteStore(ClosingStore):
             )
         )
 
-    async def get_room(self, room_id: str) -> RoomRecord | None:
+    async def get_room(self, room_id: str, fresh: bool = False) -> RoomRecord | None:
         def q(db: sqlite3.Connection) -> Any:
             return db.execute(
                 "SELECT room_id, token_hash, creator, created_at, expires_at FROM rooms WHERE room_id = ?",
