@@ -31,7 +31,11 @@ from .protocol import errors as E
 from .protocol.registration import ApiKeyCredential, JwtCredential, RegisterRequest, RoomTokenCredential
 from .store import RoomRecord, Store, StoreUnavailable, bounded
 
-REPLY_TIMEOUT = 5.0  # a room (perhaps on another instance) answers a Register within this
+# A room (perhaps on another instance) answers a Register within this: the cluster's
+# bound for a request through a room's move (cluster/link.REQUEST_DEADLINE), because a
+# Register re-sent to a room's next owner is still answered, and an answer after the
+# refusal would be a second answer.
+REPLY_TIMEOUT = 15.0
 OPEN_ATTEMPTS = 3  # a room that retires between look-up and send is started again
 
 

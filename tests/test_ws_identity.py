@@ -153,8 +153,8 @@ async def test_register_errors_carry_reason(server, room, change, code):
 
 
 async def test_expired_room(server, room):
-    rec = await server.server.store.get_room(room["room_id"])
-    await server.server.store.set_expiry(room["room_id"], rec.created_at - 10)
+    rec = await server.server.rooms.get_room(room["room_id"])
+    await server.server.rooms.set_expiry(room["room_id"], rec.created_at - 10)
     async with ws_peer(server.ws_url) as p:
         err = await register(p, room, "p")
         assert err["code"] == "ROOM_EXPIRED"
