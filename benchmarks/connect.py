@@ -37,13 +37,14 @@ ROOM_SIZE = 10
 
 
 @contextmanager
-def ours(store: str, *, profile: str | None = None) -> Iterator[dict[str, Any]]:
+def ours(store: str, *, profile: str | None = None, src: str | None = None) -> Iterator[dict[str, Any]]:
+    """Our server; `src`: from another checkout of this repository (a before/after run)."""
     ws_port, http_port = free_port(), free_port()
     prefix = [sys.executable] + (["-m", "cProfile", "-o", profile] if profile else [])
     argv = prefix + ["-m", "signaling_trio", "serve", "--host", "127.0.0.1", "--ws-port", str(ws_port),
                      "--http-port", str(http_port), "--store", store, "--rate-limit", "1000000000",
                      "--rate-burst", "1000000000", "--http-rate-limit", "0", "--log-level", "warning"]
-    with _process(argv, ws_port, "ours") as pid:
+    with _process(argv, ws_port, "ours", src) as pid:
         yield {"kind": "ours", "pid": pid, "ws_url": f"ws://127.0.0.1:{ws_port}/",
                "http": f"http://127.0.0.1:{http_port}"}
 
@@ -56,10 +57,12 @@ def bare() -> Iterator[dict[str, Any]]:
 
 
 @contextmanager
-def _process(argv: list[str], port: int, name: str) -> Iterator[int]:
+def _process(argv: list[str], port: int, name: str, src: str | None = None) -> Iterator[int]:
     os.makedirs(RESULTS_LOGS, exist_ok=True)
+    env = {**os.environ, "PYTHONPATH": src} if src else None
     with open(os.path.join(RESULTS_LOGS, f"connect-{name}-{port}.log"), "w") as log:
-        proc = subprocess.Popen(pinned(SERVER_CPU, argv), stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        proc = subprocess.Popen(pinned(SERVER_CPU, argv), stdout=log, stderr=subprocess.STDOUT, cwd=src or ROOT,
+                                env=env)
         try:
             wait_port(port, proc)
             time.sleep(0.3)
@@ -96,23 +99,46 @@ def wave(srv: dict[str, Any], count: int, *, rooms: list[dict[str, str]] | None 
     return {"ms_per_peer": 1000 * (cpu1 - cpu0) / count, "connect_s": connected["seconds"], "wall_s": t1 - t0}
 
 
-def rounds(runs: int, count: int, store: str) -> dict[str, Any]:
+def rounds(runs: int, count: int, store: str, before: str | None = None) -> dict[str, Any]:
     per: list[dict[str, Any]] = []
-    for _ in range(runs):
+    for i in range(runs):
         with bare() as srv:
             b = wave(srv, count)
-        with ours(store) as srv:
+        with ours(_fresh(store, i, "now")) as srv:
             o = wave(srv, count)
-        per.append({"ours": o, "bare": b, "ratio": o["ms_per_peer"] / b["ms_per_peer"]})
-        print(json.dumps(per[-1]), flush=True)
-    med = lambda xs: statistics.median(xs)  # noqa: E731
-    return {
+        row = {"ours": o, "bare": b, "ratio": o["ms_per_peer"] / b["ms_per_peer"]}
+        if before:
+            with ours(_fresh(store, i, "before"), src=before) as srv:
+                row["before"] = w = wave(srv, count)
+            row["before_ratio"] = w["ms_per_peer"] / b["ms_per_peer"]
+            row["now_over_before"] = o["ms_per_peer"] / w["ms_per_peer"]
+        per.append(row)
+        print(json.dumps(row), flush=True)
+    med = statistics.median
+    out = {
         "ours_ms": med([r["ours"]["ms_per_peer"] for r in per]),
         "bare_ms": med([r["bare"]["ms_per_peer"] for r in per]),
         "ratio": med([r["ratio"] for r in per]),
         "rounds": [round(r["ratio"], 2) for r in per],
         "raw": per,
     }
+    if before:
+        out.update(before_ms=med([r["before"]["ms_per_peer"] for r in per]),
+                   before_ratio=med([r["before_ratio"] for r in per]),
+                   now_over_before=med([r["now_over_before"] for r in per]),
+                   now_over_before_rounds=[round(r["now_over_before"], 2) for r in per])
+    return out
+
+
+def _fresh(store: str, i: int, who: str) -> str:
+    """A new sqlite file per run (the same store kind, nothing left from the last run)."""
+    if not store.startswith("sqlite"):
+        return store
+    path = os.path.join(tempfile.gettempdir(), f"connect-{os.getpid()}-{who}-{i}.sqlite3")
+    for suffix in ("", "-wal", "-shm"):
+        if os.path.exists(path + suffix):
+            os.unlink(path + suffix)
+    return "sqlite:" + path
 
 
 def storm(count: int) -> dict[str, Any]:
@@ -150,6 +176,8 @@ def main() -> int:
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--storm", action="store_true")
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
+    ap.add_argument("--before", default=None, metavar="DIR",
+                    help="also run the server from this checkout (e.g. a git worktree of an older commit)")
     args = ap.parse_args()
     ensure_node_modules()
     if args.quick:
@@ -160,15 +188,20 @@ def main() -> int:
     if args.storm:
         print(json.dumps(storm(args.count)))
         return 0
-    r = rounds(args.runs, args.count, args.store)
-    table = "\n".join([
-        f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+    r = rounds(args.runs, args.count, args.store, args.before)
+    rows = [
+        f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; "
+        f"store {args.store.split(':')[0]}; {args.runs} interleaved rounds, medians",
         "",
         f"| figure ({args.count:,} peers, rooms of {ROOM_SIZE}) | signaling_trio | bare trio-websocket | ratio |",
         "|---|---|---|---|",
         f"| server CPU per connect, ms | {r['ours_ms']:.3f} | {r['bare_ms']:.3f} | {r['ratio']:.2f} "
         f"(rounds {', '.join(map(str, r['rounds']))}) |",
-    ])
+    ]
+    if args.before:
+        rows.append(f"| the same, from {args.before} | {r['before_ms']:.3f} | | {r['before_ratio']:.2f}; now / before "
+                    f"{r['now_over_before']:.2f} (rounds {', '.join(map(str, r['now_over_before_rounds']))}) |")
+    table = "\n".join(rows)
     print("\n" + table)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "connect.md"), "w") as f:
