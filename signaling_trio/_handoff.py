@@ -10,10 +10,11 @@ Never touches: rooms and leases (the cluster says who owns a room), credentials 
 sender admitted the peer; the directory is 0700, so only this user's processes talk).
 
 Exactly one process serves a connection: the sender lets go only after the receiver
-acknowledges; if the sibling cannot be reached the connection stays and registers here
-(through Redis, as any instance); if the acknowledgement does not come, the sender lets
-go anyway, quietly (the receiver has it, or the client sees a closed socket: the fault
-of a process dying).
+acknowledges. If the sibling cannot be reached, or gives the connection back (it closes
+the Unix socket without a word, after closing the descriptor), the connection stays and
+registers here (through Redis, as any instance). If no word comes in time, the sender
+lets go anyway, quietly (the receiver has it, or the client sees a closed socket: the
+fault of a process dying).
 """
 
 from __future__ import annotations
@@ -106,20 +107,24 @@ class Hub:
                 pass
 
     async def _arrive(self, sock: trio.socket.SocketType) -> None:
+        """Take one connection. Anything wrong with what came (it is a sibling's, but a
+        bug there must not end this process): the descriptor is closed before our end of
+        the Unix socket, so the sender, seeing it close without a word, keeps serving."""
         fd = -1
         with sock:
             try:
                 with trio.fail_after(GIVE_TIMEOUT):
                     fd, raw = await _receive_with_fd(sock)
                     handed = Handed.decode(raw)
+                    stream = trio.SocketStream(trio.socket.from_stdlib_socket(socket.socket(fileno=fd)))
+                    fd = -1  # (the stream owns it now)
                     await sock.send(b"\x01")
-            except (OSError, trio.TooSlowError, ValueError, KeyError, TypeError) as exc:
+            except Exception as exc:
                 if fd >= 0:
-                    os.close(fd)  # (the sender did not get our word: it lets go on its side)
+                    os.close(fd)
                 event(logging.WARNING, "handoff failed", side="receive", error=type(exc).__name__)
                 return
         self.taken += 1
-        stream = trio.SocketStream(trio.socket.from_stdlib_socket(socket.socket(fileno=fd)))
         self.spawn(self._serve, stream, handed)
 
     async def _serve(self, stream: trio.SocketStream, handed: Handed) -> None:
@@ -143,7 +148,7 @@ class Hub:
             return False
         handed = Handed(register, to.admission, frozen.queued, frozen.leftover, conn._bucket.tokens)
         sent = await self._give(to.instance, conn.ws._stream.socket.fileno(), handed.encode())
-        if sent is None:
+        if sent is None:  # it never left, or the sibling gave it back: serve it here
             return self._kept(conn, frozen)
         conn.ws._st_freeze.moved = True  # type: ignore[attr-defined]
         self.given += 1
@@ -157,8 +162,9 @@ class Hub:
         return False
 
     async def _give(self, instance: str, fd: int, payload: bytes) -> bool | None:
-        """None: nothing was sent (serve it here); True: acknowledged; False: sent, not
-        acknowledged (let go: see the module docstring)."""
+        """None: not taken (nothing sent, or the sibling closed without a word: it closed
+        the descriptor first): serve it here; True: acknowledged; False: sent and no
+        word in time (let go: see the module docstring)."""
         sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         with sock:
             try:
@@ -173,7 +179,8 @@ class Hub:
                     sent = await sock.sendmsg([data[:4096]], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
                                                                array.array("i", [fd]))])
                     await _send_all(sock, data[sent:])
-                    return await sock.recv(1) == b"\x01"
+                    word = await sock.recv(1)
+                    return True if word == b"\x01" else None
             except (OSError, trio.TooSlowError) as exc:
                 event(logging.WARNING, "handoff failed", side="send", to=instance, error=type(exc).__name__)
                 return False

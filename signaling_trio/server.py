@@ -12,7 +12,9 @@ import datetime
 import errno
 import logging
 import math
+import os
 import socket
+import stat
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -194,6 +196,8 @@ class SignalingServer:
         # are changed by other instances too: nothing is kept for those
         self.rooms = RoomCache(self.store, ttl=0 if isinstance(self._store, RedisStore) else math.inf)
         self.accounts = Accounts(self.rooms)
+        if s.handoff_dir:
+            self._check_handoff_dir()
         ws_sock, http_sock = self._bind_both()
         try:
             try:
@@ -266,6 +270,16 @@ class SignalingServer:
             await self.router.stop()
             # hypercorn drains within its graceful_timeout; never wait longer.
             listeners.cancel_scope.deadline = trio.current_time() + 1.5
+
+    def _check_handoff_dir(self) -> None:
+        """Connections (and who their peers are) pass through it: this user's only."""
+        path = self.settings.handoff_dir
+        try:
+            st = os.stat(path)
+        except OSError as exc:
+            raise ConfigError(f"--handoff-dir {path}: {exc.strerror}") from None
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+            raise ConfigError(f"--handoff-dir {path} must be a directory owned by this user, mode 0700")
 
     async def _start_handoff(self, root: trio.Nursery, ctx: WsContext) -> WsContext:
         """Sibling processes (--workers): connections move to the owner of their room."""

@@ -8,6 +8,7 @@ knows which one each peer dialled; `--workers 2` is covered in test_cluster.py."
 from __future__ import annotations
 
 import json
+import os
 import signal
 from contextlib import AsyncExitStack
 from typing import Any
@@ -155,3 +156,54 @@ async def test_frames_read_before_the_move_travel_with_it(redis, tmp_path, cut):
             assert payloads == list(range(13))
             assert (b.server.hub.given, a.server.hub.taken) == ((0, 0) if cut else (1, 1))
             await stream.aclose()
+
+
+async def test_the_handoff_directory_must_be_private(redis, tmp_path):
+    from signaling_trio.config import ConfigError
+
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o755)
+    shared.chmod(0o755)
+    with pytest.raises(ConfigError, match="mode 0700"):
+        async with open_test_server(store=redis.url, handoff_dir=str(shared)):
+            pass
+
+
+async def test_a_sibling_that_gives_it_back_leaves_it_here(redis, tmp_path):
+    """The room's owner (as its lease says) takes the descriptor and closes it without a
+    word, as a failing receiver does: the connection stays, and its register is answered
+    (here, once the lease lapses and this instance takes the room)."""
+    import socket as socketlib
+
+    from coredis import Redis
+
+    from signaling_trio.cluster.transport import lease_key
+
+    refused: list[int] = []
+
+    async def giving_back(listener: trio.socket.SocketType) -> None:
+        while True:
+            sock, _ = await listener.accept()
+            with sock:
+                _, ancdata, _, _ = await sock.recvmsg(4096, socketlib.CMSG_SPACE(4))
+                refused.append(len(ancdata))
+                for _, _, data in ancdata:
+                    os.close(int.from_bytes(data[:4], "little"))
+
+    listener = trio.socket.socket(socketlib.AF_UNIX, socketlib.SOCK_STREAM)
+    await listener.bind(str(tmp_path / "elsewhere.sock"))
+    listener.listen(4)
+    async with trio.open_nursery() as nursery, open_test_server(store=redis.url, handoff_dir=str(tmp_path)) as a:
+        nursery.start_soon(giving_back, listener)
+        room = await a.new_room()
+        client = Redis.from_url(redis.url, decode_responses=True)
+        async with client:
+            await client.set(lease_key(room["room_id"]), "elsewhere", px=1500)
+        async with ws_peer(a.ws_url) as peer:
+            with trio.fail_after(20):
+                reply = await register(peer, room, "p", role="worker")
+            assert reply["type"] == "registered_auth"
+            assert refused == [1] and a.server.hub.given == 0
+            assert (await peer.request({"type": "discover_peers"}))["type"] == "peer_list"
+        nursery.cancel_scope.cancel()
+    listener.close()
