@@ -77,8 +77,19 @@ def local_sign_in(driver: object, url: str, name: str, *, account_key: bool, inv
 
 
 def finish(driver: object, *, account_key: bool) -> None:
+    """With the keyboard only: the page puts focus on its first control (the account-key
+    box); Space ticks it, Tab moves to the button, Enter presses it."""
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
     wait_visible(driver, "finish-button")
+    focused = WebDriverWait(driver, 15).until(
+        lambda d: d.switch_to.active_element if d.switch_to.active_element.get_attribute("id") == "want-key"
+        else False)
     if account_key:
-        driver.find_element("id", "want-key").click()  # type: ignore[attr-defined]
-    driver.find_element("id", "finish-button").click()  # type: ignore[attr-defined]
+        focused.send_keys(Keys.SPACE)
+    focused.send_keys(Keys.TAB)
+    button = driver.switch_to.active_element  # type: ignore[attr-defined]
+    assert button.get_attribute("id") == "finish-button"
+    button.send_keys(Keys.ENTER)
     wait_visible(driver, "done")
