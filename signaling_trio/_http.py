@@ -27,6 +27,7 @@ from ._log import event
 from ._prometheus import PrometheusExporter, negotiate
 from ._router import RoomRouter
 from ._version import __version__
+from .accounts import AccountError
 from .auth import AuthError, LocalAuthority, Verifier
 from .config import Settings
 from .protocol import errors as E
@@ -147,15 +148,18 @@ class HttpApi:
             raise HttpError(400, E.INVALID_MESSAGE, f"field '{name}' must be a non-empty string")
         return value
 
-    # ---------------------------------------------------------- endpoints
-    async def health(self) -> Any:
-        checks: dict[str, Any] = {}
+    async def store_health(self) -> str:
+        """"ok", "error" (the store said no) or "unreachable" (no answer within 2 s)."""
         try:
             with trio.fail_after(2):
                 await self.ctx.store.check()
-            checks["store"] = "ok"
+            return "ok"
         except (StoreUnavailable, trio.TooSlowError) as exc:
-            checks["store"] = "unreachable" if isinstance(exc, trio.TooSlowError) else "error"
+            return "unreachable" if isinstance(exc, trio.TooSlowError) else "error"
+
+    # ---------------------------------------------------------- endpoints
+    async def health(self) -> Any:
+        checks: dict[str, Any] = {"store": await self.store_health()}
         if self.ctx.jwks_ready is not None:
             checks["jwks"] = "ok" if self.ctx.jwks_ready() else "unavailable"
         answer: dict[str, Any] = {"status": "healthy", "timestamp": utc_timestamp(), "version": __version__}
@@ -281,7 +285,7 @@ ROUTES: tuple[tuple[str, str, str], ...] = (
 )
 
 
-async def _on_http_error(exc: HttpError) -> Any:
+async def _on_http_error(exc: HttpError | AccountError) -> Any:
     event(logging.INFO, "http error", path=request.path, status=exc.status, code=exc.code)
     return _error(exc.status, exc.code, exc.message)
 
@@ -307,6 +311,7 @@ async def _on_bug(exc: Exception) -> Any:
 
 ERROR_HANDLERS: tuple[tuple[Any, Callable[..., Awaitable[Any]]], ...] = (
     (HttpError, _on_http_error),
+    (AccountError, _on_http_error),  # the accounts' and the login's refusals (same shape)
     (404, _on_not_found),
     (405, _on_bad_method),
     (HTTPException, _on_http_exception),
@@ -314,12 +319,16 @@ ERROR_HANDLERS: tuple[tuple[Any, Callable[..., Awaitable[Any]]], ...] = (
 )
 
 
+def add_routes(app: QuartTrio, api: HttpApi, routes: tuple[tuple[str, str, str], ...]) -> None:
+    """Each (method, path, name) of a `ROUTES` table: the method `name` of `api`."""
+    for method, path, name in routes:
+        app.add_url_rule(path, name, getattr(api, name), methods=[method])
+
+
 def create_app(ctx: HttpContext) -> QuartTrio:
     app = QuartTrio("signaling_trio")
     app.config["MAX_CONTENT_LENGTH"] = 64 * 1024
-    api = HttpApi(ctx)
-    for method, path, name in ROUTES:
-        app.add_url_rule(path, name, getattr(api, name), methods=[method])
+    add_routes(app, HttpApi(ctx), ROUTES)
     for key, handler in ERROR_HANDLERS:
         app.register_error_handler(key, handler)
     return app

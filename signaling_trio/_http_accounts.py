@@ -11,14 +11,13 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import Any, Awaitable, Callable
+from typing import Any, Callable
 
 from quart import request
 
 from ._http import HttpApi, HttpContext, HttpError
 from ._log import event
-from .accounts import (ACCOUNT_KEY_PREFIX, DAY, DEFAULT_ROOM_DAYS, MAX_ROOM_DAYS, AccountError, Accounts, NewRoom,
-                       wire_time)
+from .accounts import ACCOUNT_KEY_PREFIX, DAY, DEFAULT_ROOM_DAYS, MAX_ROOM_DAYS, Accounts, NewRoom, wire_time
 from .auth import AuthError
 from .protocol import errors as E
 from .store import RoomRecord
@@ -158,10 +157,7 @@ class AccountsApi(HttpApi):
     async def join(self) -> Any:
         sub = await self.caller()
         code = self.field(await self.body(), "invite_code")
-        try:
-            room_id = await self.store_call(self.accounts.redeem, code)
-        except AccountError as exc:
-            raise HttpError(exc.status, exc.code, exc.message) from None
+        room_id = await self.store_call(self.accounts.redeem, code)  # (AccountError: the app's handler)
         record = await self.room_record(room_id)
         await self.store_call(self.accounts.add_member, record, sub)
         role = await self.store_call(self.accounts.role_in, record, sub)
@@ -275,8 +271,3 @@ ROUTES: tuple[tuple[str, str, str], ...] = (
     ("GET", "/api/ice-servers", "list_ice_servers"),
 )
 
-
-def add_routes(app: Any, api: AccountsApi) -> None:
-    for method, path, name in ROUTES:
-        handler: Callable[..., Awaitable[Any]] = getattr(api, name)
-        app.add_url_rule(path, name, handler, methods=[method])

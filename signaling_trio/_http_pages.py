@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import secrets
 from importlib import resources
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 import orjson
 import trio
@@ -28,7 +28,6 @@ from ._oauth import Flow, Provider, ProviderError
 from ._status import StatusHistory
 from .login import Logins, LoginError, Session, valid_state
 from .protocol import errors as E
-from .store import StoreUnavailable
 
 COOKIE = "st_session"
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
@@ -72,15 +71,8 @@ class PagesApi(HttpApi):
             raise HttpError(404, "NOT_AVAILABLE", "the login page is off on this server (--login off)")
         return self.logins
 
-    async def login_call(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> Any:
-        """A `Logins` call: its refusals and the store's failures as HTTP errors."""
-        try:
-            return await self.store_call(fn, *args)
-        except LoginError as exc:
-            raise HttpError(exc.status, exc.code, exc.message) from None
-
     async def current(self) -> Session | None:
-        return await self.login_call(self.enabled().session, request.cookies.get(COOKIE))
+        return await self.store_call(self.enabled().session, request.cookies.get(COOKIE))
 
     async def checked_session(self) -> Session:
         """A state-changing request: same origin, the session's cookie, its CSRF token."""
@@ -111,18 +103,24 @@ class PagesApi(HttpApi):
         if not valid_state(state):  # nothing to sign in for: the page says to run sleap-rtc login
             return self.file("login.html")
         if session is None:  # (only here: a session is a store document; this path is rate-limited)
-            sid, session = await self.login_call(logins.new_session)
+            sid, session = await self.store_call(logins.new_session)
         status = 200
         if state != session.cli_state:
             try:
-                await self.login_call(logins.bind_state, session, state)
-            except HttpError as exc:
+                await self.store_call(logins.bind_state, session, state)
+            except LoginError as exc:
                 status = exc.status  # the page says so (its script asks the session)
         return self.with_cookie(self.file("login.html", status), sid)
 
-    async def status_page(self) -> Any:
-        if self.ctx.settings.status_page == "off":
+    def status_enabled(self) -> str:
+        """--status-page: "open" or "operator"; 404 when "off"."""
+        mode = self.ctx.settings.status_page
+        if mode == "off":
             raise HttpError(404, "NOT_AVAILABLE", "the status page is off on this server (--status-page off)")
+        return mode
+
+    async def status_page(self) -> Any:
+        self.status_enabled()
         return self.file("status.html")
 
     async def static_file(self, name: str) -> Any:
@@ -141,7 +139,7 @@ class PagesApi(HttpApi):
         if session is not None:
             info.update(user=session.user.wire() if session.user else None, csrf=session.csrf,
                         cli=session.cli_state is not None and session.state_expires_at > now)
-        return Response(_json(info), content_type="application/json", headers=SECURITY_HEADERS)
+        return Response(orjson.dumps(info), content_type="application/json", headers=SECURITY_HEADERS)
 
     async def local_sign_in(self) -> Any:
         mode = self.ctx.settings.login_mode
@@ -149,8 +147,8 @@ class PagesApi(HttpApi):
             raise HttpError(404, "NOT_AVAILABLE", f"this server signs in with {mode}, not local names")
         session = await self.checked_session()
         data = await self.body()
-        user = await self.login_call(self.enabled().local_user, mode, data.get("name"), data.get("invite_code"))
-        await self.login_call(self.enabled().sign_in, session, user)
+        user = await self.store_call(self.enabled().local_user, mode, data.get("name"), data.get("invite_code"))
+        await self.store_call(self.enabled().sign_in, session, user)
         event(logging.INFO, "login", how=mode, sub=user.sub)
         return {"user": user.wire()}
 
@@ -167,7 +165,7 @@ class PagesApi(HttpApi):
         except ProviderError as exc:
             raise HttpError(502, "PROVIDER_ERROR", str(exc)) from None
         oauth = {"state": flow.state, "verifier": flow.verifier, "nonce": flow.nonce}
-        await self.login_call(logins.save, Session(session.sid_hash, session.csrf, session.cli_state,
+        await self.store_call(logins.save, Session(session.sid_hash, session.csrf, session.cli_state,
                                                    session.state_expires_at, session.user, oauth))
         return Response("", status=302, headers={"Location": url, **SECURITY_HEADERS})
 
@@ -187,7 +185,7 @@ class PagesApi(HttpApi):
                                                 Flow(flow["state"], flow["verifier"], flow["nonce"]))
         except (ProviderError, trio.TooSlowError) as exc:
             raise HttpError(502, "PROVIDER_ERROR", str(exc) or "the provider did not answer") from None
-        await self.login_call(logins.sign_in, session, user)
+        await self.store_call(logins.sign_in, session, user)
         event(logging.INFO, "login", how=self.ctx.settings.login_mode, sub=user.sub)
         return Response("", status=302, headers={"Location": "/login", **SECURITY_HEADERS})
 
@@ -197,21 +195,19 @@ class PagesApi(HttpApi):
         want_key = data.get("account_key", False)
         if not isinstance(want_key, bool):
             raise HttpError(400, E.INVALID_MESSAGE, "'account_key' must be true or false")
-        user = await self.login_call(self.enabled().deposit, session, data.get("cli_state"), want_key)
+        user = await self.store_call(self.enabled().deposit, session, data.get("cli_state"), want_key)
         event(logging.INFO, "cli login deposited", sub=user.sub, account_key=want_key)
         return {"status": "deposited", "user": user.wire()}
 
     async def cli_poll(self) -> Any:
-        status, body = await self.login_call(self.enabled().poll, request.args.get("state"))
-        return Response(_json(body), status=status, content_type="application/json",
+        status, body = await self.store_call(self.enabled().poll, request.args.get("state"))
+        return Response(orjson.dumps(body), status=status, content_type="application/json",
                         headers={"Cache-Control": "no-store"})
 
     # ------------------------------------------------------------- status
     async def status_json(self) -> Any:
         s = self.ctx.settings
-        if s.status_page == "off":
-            raise HttpError(404, "NOT_AVAILABLE", "the status page is off on this server (--status-page off)")
-        if s.status_page == "operator":
+        if self.status_enabled() == "operator":
             try:
                 claims = await self.bearer(required=True)
             except HttpError:
@@ -219,19 +215,9 @@ class PagesApi(HttpApi):
             assert claims is not None
             if claims["sub"] not in s.operator_subjects:
                 raise HttpError(403, "FORBIDDEN", "this identity is not one of the server's --operators")
-        try:
-            with trio.fail_after(2):
-                await self.ctx.store.check()
-            store = "ok"
-        except (StoreUnavailable, trio.TooSlowError):
-            store = "unavailable"
-        body = {"metrics": self.ctx.metrics_json(), "rates": self.history.rates(), "store": store,
-                "store_kind": s.store_kind}
-        return Response(_json(body), content_type="application/json", headers=SECURITY_HEADERS)
-
-
-def _json(data: Any) -> bytes:
-    return orjson.dumps(data)
+        body = {"metrics": self.ctx.metrics_json(), "rates": self.history.rates(),
+                "store": await self.store_health(), "store_kind": s.store_kind}
+        return Response(orjson.dumps(body), content_type="application/json", headers=SECURITY_HEADERS)
 
 
 ROUTES: tuple[tuple[str, str, str], ...] = (
@@ -247,7 +233,3 @@ ROUTES: tuple[tuple[str, str, str], ...] = (
     ("GET", "/api/status", "status_json"),
 )
 
-
-def add_routes(app: Any, api: PagesApi) -> None:
-    for method, path, name in ROUTES:
-        app.add_url_rule(path, name, getattr(api, name), methods=[method])

@@ -26,11 +26,11 @@ from trio_websocket import WebSocketServer
 from ._accept import serve_listener
 from ._actors import RoomSupervisor
 from ._handoff import Hub
-from ._http import HttpContext, create_app
+from ._http import HttpContext, add_routes, create_app
+from ._http_accounts import ROUTES as ACCOUNT_ROUTES
 from ._http_accounts import AccountsApi
-from ._http_accounts import add_routes as add_account_routes
+from ._http_pages import ROUTES as PAGE_ROUTES
 from ._http_pages import PagesApi
-from ._http_pages import add_routes as add_page_routes
 from ._httpguard import HttpGuard
 from ._httpserve import serve_http
 from ._log import DroppingQueueHandler, event
@@ -301,8 +301,8 @@ class SignalingServer:
                           (lambda: oidc.ready) if oidc is not None else None, self.router, self.metrics_json,
                           self.prometheus, self._count_room_created)
         app = create_app(ctx)
-        add_account_routes(app, AccountsApi(ctx, self.accounts, self.ice.servers_for))
-        add_page_routes(app, PagesApi(ctx, self._logins(), provider_for(s), self.history))
+        add_routes(app, AccountsApi(ctx, self.accounts, self.ice.servers_for), ACCOUNT_ROUTES)
+        add_routes(app, PagesApi(ctx, self._logins(), provider_for(s), self.history), PAGE_ROUTES)
         return HttpGuard(app, rate_limit=s.http_rate_limit, body_timeout=s.http_request_timeout,
                          ws_port=lambda: self.info.ws_port if self.info else None)
 
