@@ -13,6 +13,7 @@ CLI's state). Pages hold no data: their scripts fetch it, same-origin, as JSON.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import secrets
 from importlib import resources
@@ -165,8 +166,7 @@ class PagesApi(HttpApi):
         except ProviderError as exc:
             raise HttpError(502, "PROVIDER_ERROR", str(exc)) from None
         oauth = {"state": flow.state, "verifier": flow.verifier, "nonce": flow.nonce}
-        await self.store_call(logins.save, Session(session.sid_hash, session.csrf, session.cli_state,
-                                                   session.state_expires_at, session.user, oauth))
+        await self.store_call(logins.save, dataclasses.replace(session, oauth=oauth))
         return Response("", status=302, headers={"Location": url, **SECURITY_HEADERS})
 
     async def oauth_callback(self) -> Any:

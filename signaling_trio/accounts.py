@@ -23,14 +23,13 @@ Never touches: sockets, live rooms.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import secrets
 import time
 from dataclasses import dataclass
 from typing import Any
 
-from .store import RoomRecord, Store, new_room
+from .store import RoomRecord, Store, hash_token, new_room
 
 ACCOUNT_KEY_PREFIX = "slp_acct_"
 WORKER_TOKEN_PREFIX = "slp_"
@@ -39,10 +38,6 @@ INVITE_LIFETIME = 3600.0
 MAX_ROOM_DAYS = 365
 DEFAULT_ROOM_DAYS = 30
 DAY = 86400.0
-
-
-def _hash(secret: str) -> str:
-    return hashlib.sha256(secret.encode()).hexdigest()
 
 
 def wire_time(t: float | None) -> int | None:
@@ -159,7 +154,7 @@ class Accounts:
     # ----------------------------------------------------------- account keys
     async def create_account_key(self, sub: str, name: str | None) -> tuple[str, dict[str, Any]]:
         key = ACCOUNT_KEY_PREFIX + secrets.token_urlsafe(24)  # 192 bits
-        digest = _hash(key)
+        digest = hash_token(key)
         entry = {"sub": sub, "id": "acct_" + digest[:12], "name": name or "", "created_at": time.time(),
                  "last_used_at": None, "revoked_at": None}
         await self.store.put_doc(f"account-key:{digest}", entry)
@@ -174,7 +169,7 @@ class Accounts:
 
     async def account_key_owner(self, key: str) -> str | None:
         """The user an account key belongs to; None if unknown or revoked."""
-        doc_key = f"account-key:{_hash(key)}"
+        doc_key = f"account-key:{hash_token(key)}"
         entry = await self.store.get_doc(doc_key)
         if entry is None or entry.get("revoked_at") is not None:
             return None
@@ -188,7 +183,7 @@ class Accounts:
     async def create_worker_token(self, sub: str, record: RoomRecord, worker_name: str,
                                   expires_days: float | None) -> tuple[str, dict[str, Any]]:
         token = WORKER_TOKEN_PREFIX + secrets.token_urlsafe(24)
-        digest = _hash(token)
+        digest = hash_token(token)
         now = time.time()
         entry = {"sub": sub, "id": "tok_" + digest[:12], "room_id": record.room_id, "worker_name": worker_name,
                  "created_at": now, "expires_at": None if expires_days is None else now + expires_days * DAY,
@@ -213,7 +208,7 @@ class Accounts:
 
     async def worker_token(self, token: str) -> dict[str, Any] | None:
         """A live worker token's entry; None if unknown, revoked or expired."""
-        entry = await self.store.get_doc(f"worker-token:{_hash(token)}")
+        entry = await self.store.get_doc(f"worker-token:{hash_token(token)}")
         return entry if entry is not None and self.worker_token_live(entry) else None
 
     @staticmethod
@@ -262,7 +257,7 @@ class Accounts:
         digests = doc[field]
         if secret_or_id in digests:
             return str(digests[secret_or_id])
-        digest = _hash(secret_or_id)
+        digest = hash_token(secret_or_id)
         return digest if digest in digests.values() else None
 
     async def _revoke(self, index: str, field: str, kind: str, secret_or_id: str) -> bool:

@@ -14,7 +14,7 @@ expired one is refused and deleted when it is read.
 
 from __future__ import annotations
 
-import hashlib
+import dataclasses
 import hmac
 import re
 import secrets
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from .accounts import AccountError, Accounts
-from .store import Store
+from .store import Store, hash_token
 
 SESSION_TTL = 15 * 60  # a browser session: the page, the sign-in, the deposit
 STATE_TTL = 5 * 60  # a CLI state, from page load to deposit, and a deposit until polled
@@ -36,10 +36,6 @@ NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 class LoginError(AccountError):
     """Refused: the HTTP layer answers `status` with `code` and the message."""
-
-
-def _digest(secret: str) -> str:
-    return hashlib.sha256(secret.encode()).hexdigest()
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +67,15 @@ def _session_from(sid_hash: str, doc: dict[str, Any]) -> Session:
                    User(u["id"], u["username"]) if u else None, doc.get("oauth"))
 
 
+def _result_key(state: str) -> str:
+    """Where a deposit for this CLI state waits for its poll (then its tombstone)."""
+    return f"cli-login:{hash_token(state)}"
+
+
+def _used() -> LoginError:
+    return LoginError(409, "STATE_USED", "this login link was used already; run `sleap-rtc login` again")
+
+
 def valid_state(state: Any) -> bool:
     return isinstance(state, str) and STATE_RE.fullmatch(state) is not None
 
@@ -82,7 +87,7 @@ def valid_name(name: Any) -> bool:
 async def create_invite(store: Store, name: str | None, days: float = INVITE_DAYS) -> str:
     """A one-time code for `--login invite` (for `name` only, if given); only its hash is kept."""
     code = secrets.token_urlsafe(12)
-    await store.put_doc(f"login-invite:{_digest(code)}", {"name": name, "expires_at": time.time() + days * 86400})
+    await store.put_doc(f"login-invite:{hash_token(code)}", {"name": name, "expires_at": time.time() + days * 86400})
     return code
 
 
@@ -99,13 +104,13 @@ class Logins:
     async def session(self, sid: str | None) -> Session | None:
         if not sid or len(sid) > 128:
             return None
-        sid_hash = _digest(sid)
+        sid_hash = hash_token(sid)
         doc = await self._live(f"login-session:{sid_hash}")
         return None if doc is None else _session_from(sid_hash, doc)
 
     async def new_session(self) -> tuple[str, Session]:
         sid = secrets.token_urlsafe(32)
-        session = Session(_digest(sid), secrets.token_urlsafe(24), None, 0.0, None, None)
+        session = Session(hash_token(sid), secrets.token_urlsafe(24), None, 0.0, None, None)
         await self.save(session)
         return sid, session
 
@@ -117,15 +122,14 @@ class Logins:
 
     async def bind_state(self, session: Session, state: str) -> Session:
         """The page was opened for this CLI state: only this session may deposit for it."""
-        if await self.store.get_doc(f"cli-login:{_digest(state)}") is not None:
-            raise LoginError(409, "STATE_USED", "this login link was used already; run `sleap-rtc login` again")
-        bound = Session(session.sid_hash, session.csrf, state, self.clock() + self.state_ttl, session.user,
-                        session.oauth)
+        if await self.store.get_doc(_result_key(state)) is not None:
+            raise _used()
+        bound = dataclasses.replace(session, cli_state=state, state_expires_at=self.clock() + self.state_ttl)
         await self.save(bound)
         return bound
 
     async def sign_in(self, session: Session, user: User) -> Session:
-        signed = Session(session.sid_hash, session.csrf, session.cli_state, session.state_expires_at, user, None)
+        signed = dataclasses.replace(session, user=user, oauth=None)
         await self.save(signed)
         return signed
 
@@ -143,11 +147,10 @@ class Logins:
     async def _redeem_invite(self, code: Any, name: str) -> None:
         if not isinstance(code, str) or not code or len(code) > 128:
             raise LoginError(403, "INVITE_REQUIRED", "this server signs in by invite code only")
-        key = f"login-invite:{_digest(code)}"
+        key = f"login-invite:{hash_token(code)}"
         doc = await self._live(key)
-        if doc is None or doc.get("name") not in (None, name):
-            raise LoginError(403, "INVALID_INVITE", "unknown, used, expired or another user's invite code")
-        if not await self.store.delete_doc(key):  # another request took it first
+        # (the delete is the redemption: of two requests with one code, one wins)
+        if doc is None or doc.get("name") not in (None, name) or not await self.store.delete_doc(key):
             raise LoginError(403, "INVALID_INVITE", "unknown, used, expired or another user's invite code")
 
     # ----------------------------------------------------- deposit and poll
@@ -161,14 +164,14 @@ class Logins:
                                                     "open the link `sleap-rtc login` printed")
         if session.state_expires_at <= self.clock():
             raise LoginError(410, "STATE_EXPIRED", "this login link expired; run `sleap-rtc login` again")
-        key = f"cli-login:{_digest(state)}"
+        key = _result_key(state)
         if await self.store.get_doc(key) is not None:
-            raise LoginError(409, "STATE_USED", "this login link was used already; run `sleap-rtc login` again")
+            raise _used()
         result: dict[str, Any] = {"jwt": self.issue(session.user.sub), "user": session.user.wire()}
         if want_key:
             result["account_key"], _ = await self.accounts.create_account_key(session.user.sub, "sleap-rtc login")
         await self.store.put_doc(key, {"result": result, "expires_at": self.clock() + self.state_ttl})
-        await self.save(Session(session.sid_hash, session.csrf, None, 0.0, session.user, None))
+        await self.save(dataclasses.replace(session, cli_state=None, state_expires_at=0.0, oauth=None))
         return session.user
 
     async def poll(self, state: Any) -> tuple[int, dict[str, Any]]:
@@ -176,7 +179,7 @@ class Logins:
         taken or expired (sleap-rtc keeps polling on anything but 200)."""
         if not valid_state(state):
             return 400, {"error": "INVALID_STATE", "message": "state must be the CLI's login state"}
-        key = f"cli-login:{_digest(state)}"
+        key = _result_key(state)
         doc = await self.store.get_doc(key)
         if doc is None:
             return 202, {"status": "pending"}
