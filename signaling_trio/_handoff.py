@@ -35,6 +35,7 @@ import trio
 from ._log import event
 from ._register import Admission, Identity, MoveTo
 from ._ws import Connection, WsContext, serve_connection
+from ._wsfix import MESSAGE_QUEUE_SIZE
 from ._wsmove import Frozen, adopt, freeze, serve_adopted, thaw
 from .protocol import errors as E
 from .protocol.messages import decode
@@ -130,7 +131,8 @@ class Hub:
     async def _serve(self, stream: trio.SocketStream, handed: Handed) -> None:
         s = self.ctx.settings
         async with stream:
-            ws = adopt(stream, handed.leftover, message_queue_size=8, max_message_size=s.max_frame_bytes)
+            ws = adopt(stream, handed.leftover, message_queue_size=MESSAGE_QUEUE_SIZE,
+                       max_message_size=s.max_frame_bytes)
             conn = Connection(self.ctx, ws)
             conn._bucket.tokens = handed.tokens
             conn.arrival = partial(_arrived, handed=handed)
@@ -143,9 +145,7 @@ class Hub:
         if frozen is None:
             return False  # closing: it ends here
         if frozen.leftover is None:  # not between frames: read on here
-            assert conn._nursery is not None
-            thaw(conn.ws, frozen, conn._nursery, 8)
-            return False
+            return self._kept(conn, frozen)
         handed = Handed(register, to.admission, frozen.queued, frozen.leftover, conn._bucket.tokens)
         sent = await self._give(to.instance, conn.ws._stream.socket.fileno(), handed.encode())
         if sent is None:  # it never left, or the sibling gave it back: serve it here
@@ -158,7 +158,7 @@ class Hub:
 
     def _kept(self, conn: Connection, frozen: Frozen) -> bool:
         assert conn._nursery is not None
-        thaw(conn.ws, frozen, conn._nursery, 8)
+        thaw(conn.ws, frozen, conn._nursery)
         return False
 
     async def _give(self, instance: str, fd: int, payload: bytes) -> bool | None:

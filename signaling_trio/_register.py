@@ -116,10 +116,7 @@ class Registrar:
         the room."""
         admission = await self.admits[type(req.credential)](conn, req, req.credential)
         if movable and self.sibling is not None and conn.registration is None:
-            try:
-                await self.router.open(admission.room_id)  # (who owns it: a lease look-up)
-            except StoreUnavailable:
-                raise _unavailable("the room store cannot be reached; try again") from None
+            await self._stored(self.router.open, admission.room_id)  # (who owns it: a lease look-up)
             owner = self.router.owner_elsewhere(admission.room_id)
             if owner is not None and self.sibling(owner):
                 return MoveTo(owner, admission)

@@ -38,7 +38,6 @@ import trio_websocket
 import wsproto.utilities
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketServer
 
-from ._wshandshake import MAX_HEAD, accept_response, fast_key
 from wsproto import ConnectionType, WSConnection
 from wsproto.connection import Connection as WsprotoConnection
 from wsproto.connection import ConnectionState
@@ -53,6 +52,12 @@ from wsproto.events import (
     Request,
     TextMessage,
 )
+
+from ._wshandshake import MAX_HEAD, accept_response, fast_key
+
+# frames read ahead per connection: a few mean fewer task switches between
+# trio-websocket's reader and ours under load (every connection, moved ones too)
+MESSAGE_QUEUE_SIZE = 8
 
 _original = WebSocketConnection._handle_close_connection_event
 
@@ -150,7 +155,12 @@ async def send_many(ws: WebSocketConnection, texts: list[str]) -> None:
         return
     if ws._close_reason:
         raise ConnectionClosed(ws._close_reason)
-    data = b"".join([ws._wsproto.send(TextMessage(data=text)) for text in texts])
+    await send_raw(ws, b"".join([ws._wsproto.send(TextMessage(data=text)) for text in texts]))
+
+
+async def send_raw(ws: WebSocketConnection, data: bytes) -> None:
+    """Bytes onto the connection's stream, as trio-websocket's own `_send` writes them
+    (its stream lock; a broken stream aborts the connection: ConnectionClosed)."""
     async with ws._stream_lock:
         try:
             await ws._stream.send_all(data)
@@ -226,12 +236,7 @@ class _Accepted:
 
     async def accept(self) -> WebSocketConnection:
         ws = self.ws
-        async with ws._stream_lock:
-            try:
-                await ws._stream.send_all(self.response)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                await ws._abort_web_socket()
-                raise ConnectionClosed(ws._close_reason) from None
+        await send_raw(ws, self.response)
         ws._open_handshake.set()
         self.nursery.start_soon(_reader_task, ws)
         return ws

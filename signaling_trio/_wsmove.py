@@ -102,10 +102,12 @@ def _at_boundary(ws: WebSocketConnection) -> bytes | None:
     return bytes(decoder.buffer.buffer[decoder.buffer.bytes_used:])
 
 
-def thaw(ws: WebSocketConnection, frozen: Frozen, nursery: trio.Nursery, queue_size: int) -> None:
-    """Serve it here after all: a new queue with what was taken, and a new reader."""
+def thaw(ws: WebSocketConnection, frozen: Frozen, nursery: trio.Nursery) -> None:
+    """Serve it here after all: a new queue (as long as the old one, and room for what
+    was taken) with what was taken, and a new reader."""
     uninstall(ws)
-    send, recv = trio.open_memory_channel[str | bytes](max(queue_size, len(frozen.queued)))
+    size = max(ws._recv_channel.statistics().max_buffer_size, len(frozen.queued))
+    send, recv = trio.open_memory_channel[str | bytes](size)
     for message in frozen.queued:
         send.send_nowait(message)
     ws._send_channel, ws._recv_channel = send, recv

@@ -43,7 +43,7 @@ from ._router import LocalRouter, RoomRouter
 from ._status import StatusHistory
 from ._version import __version__
 from ._ws import LiveConnections, WsContext, handle_request, sweep_connections
-from ._wsfix import handle_connection
+from ._wsfix import MESSAGE_QUEUE_SIZE, handle_connection
 from .accounts import Accounts
 from .auth import EitherIssuer, LocalAuthority, Verifier
 from .cluster import Cluster, RedisTransport
@@ -114,6 +114,7 @@ class SignalingServer:
         self.hub: Hub | None = None  # --workers: connections handed between sibling processes
         self.ice = IceConfig.from_settings(settings.ice_servers, settings.turn_urls, settings.turn_secret,
                                            settings.turn_ttl)
+        self.rooms: RoomCache  # (made in run, with the store)
         self.accounts: Accounts
         self._store = store
         self.local_authority: LocalAuthority | None = None  # auth=local: /anonymous-signin, /jwks
@@ -237,9 +238,7 @@ class SignalingServer:
                 partial(handle_request, ws_context),
                 [ws_listener],  # accepted by serve_listener, not ws_server.run
                 handler_nursery=root,
-                # a few frames of read-ahead per connection: fewer task switches
-                # between trio-websocket's reader and ours under load
-                message_queue_size=8,
+                message_queue_size=MESSAGE_QUEUE_SIZE,
                 max_message_size=max(HARD_MAX_FRAME, s.max_frame_bytes),
                 connect_timeout=10,
                 disconnect_timeout=2,
