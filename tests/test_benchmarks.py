@@ -7,8 +7,10 @@ import os
 import shutil
 import sys
 
-import pytest
+
 import trio
+
+from needs import unavailable
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -18,9 +20,8 @@ async def quick_run(script: str, tmp_path, needs: tuple[str, ...]) -> None:
     missing: a failure under CI, a skip saying which elsewhere."""
     missing = [tool for tool in needs if shutil.which(tool) is None]
     if missing:
-        if os.environ.get("CI"):
-            pytest.fail(f"{', '.join(missing)} needed for the {script} smoke run")
-        pytest.skip(f"{', '.join(missing)} not installed: benchmarks/{script} needs {', '.join(needs)}")
+        unavailable(f"{', '.join(missing)} not installed: benchmarks/{script} needs {', '.join(needs)}",
+                    under_ci=f"{', '.join(missing)} needed for the {script} smoke run")
     with trio.fail_after(300):
         proc = await trio.run_process(
             [sys.executable, os.path.join(ROOT, "benchmarks", script), "--quick", "--out", str(tmp_path)],

@@ -25,23 +25,18 @@ import trio
 
 import browser
 from issuer import FakeProvider
+from needs import unavailable
 from signaling_trio.client import open_signaling_client
 from signaling_trio.testing import open_test_server
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
-def _skip_or_fail(why: str) -> None:
-    if os.environ.get("CI") == "true":
-        pytest.fail(why)
-    pytest.skip(why)
-
-
 @asynccontextmanager
 async def chromium() -> AsyncIterator[Any]:
     why = browser.missing()
     if why is not None:
-        _skip_or_fail(why)
+        unavailable(why)
     cm = browser.chromium()
     driver = await trio.to_thread.run_sync(cm.__enter__)
     try:
@@ -59,7 +54,7 @@ def sleap_rtc() -> str:
     try:
         subprocess.run([str(ROOT / "scripts" / "sleap-rtc-venv")], check=True, timeout=900, capture_output=True)
     except (OSError, subprocess.SubprocessError) as exc:
-        _skip_or_fail(f"the sleap-rtc 0.0.7 venv could not be made: {exc}")
+        unavailable(f"the sleap-rtc 0.0.7 venv could not be made: {exc}")
     return str(ROOT / ".venv-sleap-rtc" / "bin" / "sleap-rtc")
 
 

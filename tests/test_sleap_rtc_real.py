@@ -18,6 +18,7 @@ import sys
 import pytest
 
 import browser
+from needs import unavailable
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 HERE = pathlib.Path(__file__).resolve().parent
@@ -55,9 +56,7 @@ def _missing() -> str | None:
 def sleap_rtc() -> str:
     why = _missing()
     if why is not None:
-        if os.environ.get("CI") == "true":
-            pytest.fail(why)
-        pytest.skip(why)
+        unavailable(why)
     subprocess.run([str(ROOT / "scripts" / "sleap-rtc-venv")], check=True, timeout=900)
     return str(ROOT / ".venv-sleap-rtc" / "bin" / "sleap-rtc")
 
