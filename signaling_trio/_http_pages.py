@@ -165,8 +165,7 @@ class PagesApi(HttpApi):
             url = await self.provider.authorize_url(self.origin() + "/login/callback", flow)
         except ProviderError as exc:
             raise HttpError(502, "PROVIDER_ERROR", str(exc)) from None
-        oauth = {"state": flow.state, "verifier": flow.verifier, "nonce": flow.nonce}
-        await self.store_call(logins.save, dataclasses.replace(session, oauth=oauth))
+        await self.store_call(logins.save, dataclasses.replace(session, oauth=dataclasses.asdict(flow)))
         return Response("", status=302, headers={"Location": url, **SECURITY_HEADERS})
 
     async def oauth_callback(self) -> Any:
@@ -181,8 +180,7 @@ class PagesApi(HttpApi):
             raise HttpError(400, "PROVIDER_ERROR", request.args.get("error", "the provider sent no code")[:200])
         try:
             with trio.fail_after(30):
-                user = await self.provider.user(code, self.origin() + "/login/callback",
-                                                Flow(flow["state"], flow["verifier"], flow["nonce"]))
+                user = await self.provider.user(code, self.origin() + "/login/callback", Flow(**flow))
         except (ProviderError, trio.TooSlowError) as exc:
             raise HttpError(502, "PROVIDER_ERROR", str(exc) or "the provider did not answer") from None
         await self.store_call(logins.sign_in, session, user)

@@ -53,8 +53,7 @@ class Flow:
 
 
 class Provider(Protocol):
-    label: str
-    name: str  # the `sub` prefix of its users ("github"); "" for OIDC (the issuer's own subs)
+    label: str  # how the page names it ("Sign in with …")
 
     async def authorize_url(self, redirect_uri: str, flow: Flow) -> str: ...
     async def user(self, code: str, redirect_uri: str, flow: Flow) -> User: ...
@@ -91,8 +90,6 @@ async def _token(client: AsyncOAuth2Client, url: str, code: str, flow: Flow) -> 
 
 
 class OidcProvider:
-    name = ""
-
     def __init__(self, s: Settings) -> None:
         assert s.oidc_issuer is not None
         self.s = s
@@ -133,7 +130,6 @@ class OidcProvider:
 
 
 class GitHubProvider:
-    name = "github"
     label = "GitHub"
 
     def __init__(self, s: Settings) -> None:

@@ -54,7 +54,7 @@ class Session:
     cli_state: str | None
     state_expires_at: float
     user: User | None
-    oauth: dict[str, str] | None  # state, PKCE verifier, nonce, return path of a flow under way
+    oauth: dict[str, str] | None  # an OAuth flow under way (_oauth.Flow as a dict: state, PKCE verifier, nonce)
 
     def doc(self, expires_at: float) -> dict[str, Any]:
         return {"csrf": self.csrf, "cli_state": self.cli_state, "state_expires_at": self.state_expires_at,
