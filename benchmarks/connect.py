@@ -22,6 +22,7 @@ import json
 import os
 import platform
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -30,23 +31,27 @@ import time
 from contextlib import contextmanager
 from typing import Any, Iterator
 
-from run import (HERE, RESULTS_LOGS, ROOT, SERVER_CPU, Loadgen, _post, cpu_seconds, ensure_node_modules,
+from run import (HERE, LOADGEN_CPU, RESULTS_LOGS, ROOT, SERVER_CPU, Loadgen, _post, cpu_seconds, ensure_node_modules,
                  free_port, pinned, stop, wait_port)
 
 ROOM_SIZE = 10
 
 
 @contextmanager
-def ours(store: str, *, profile: str | None = None, src: str | None = None) -> Iterator[dict[str, Any]]:
-    """Our server; `src`: from another checkout of this repository (a before/after run)."""
+def ours(store: str, *, profile: str | None = None, src: str | None = None,
+         log_level: str = "warning") -> Iterator[dict[str, Any]]:
+    """Our server; `src`: from another checkout of this repository (a before/after run).
+    A data dir of its own: the signing key is the one that version makes on first start."""
     ws_port, http_port = free_port(), free_port()
     prefix = [sys.executable] + (["-m", "cProfile", "-o", profile] if profile else [])
-    argv = prefix + ["-m", "signaling_trio", "serve", "--host", "127.0.0.1", "--ws-port", str(ws_port),
-                     "--http-port", str(http_port), "--store", store, "--rate-limit", "1000000000",
-                     "--rate-burst", "1000000000", "--http-rate-limit", "0", "--log-level", "warning"]
-    with _process(argv, ws_port, "ours", src) as pid:
-        yield {"kind": "ours", "pid": pid, "ws_url": f"ws://127.0.0.1:{ws_port}/",
-               "http": f"http://127.0.0.1:{http_port}"}
+    with tempfile.TemporaryDirectory(prefix="connect-data-") as data:
+        argv = prefix + ["-m", "signaling_trio", "serve", "--host", "127.0.0.1", "--ws-port", str(ws_port),
+                         "--http-port", str(http_port), "--store", store, "--data-dir", data,
+                         "--rate-limit", "1000000000", "--rate-burst", "1000000000", "--http-rate-limit", "0",
+                         "--log-level", log_level]
+        with _process(argv, ws_port, "ours", src) as pid:
+            yield {"kind": "ours", "pid": pid, "ws_url": f"ws://127.0.0.1:{ws_port}/",
+                   "http": f"http://127.0.0.1:{http_port}"}
 
 
 @contextmanager
@@ -57,11 +62,50 @@ def bare() -> Iterator[dict[str, Any]]:
 
 
 @contextmanager
-def _process(argv: list[str], port: int, name: str, src: str | None = None) -> Iterator[int]:
+def old(server_dir: str, python: str, aws: str, count: int, log_level: str = "warning") -> Iterator[dict[str, Any]]:
+    """The upstream v2 server (benchmarks/old_v2.py). `aws`: "moto" (a moto server in a
+    process of its own on the load generator's core; its CPU is not counted) or "memory"
+    (AWS as dicts in the old server's process, tokens signed before it starts)."""
+    ws_port, http_port = free_port(), free_port()
+
+    @contextmanager
+    def run(aws_arg: str) -> Iterator[dict[str, Any]]:
+        argv = [python, os.path.join(HERE, "old_v2.py"), server_dir, str(ws_port), str(http_port), aws_arg,
+                log_level]
+        with _process(argv, ws_port, "old") as pid:
+            _wait_open(http_port)
+            yield {"kind": "old", "pid": pid, "ws_url": f"ws://127.0.0.1:{ws_port}/",
+                   "http": f"http://127.0.0.1:{http_port}"}
+
+    if aws == "memory":
+        with run(f"memory:{count // ROOM_SIZE + 1}") as srv:
+            yield srv
+        return
+    moto_port = free_port()
+    with _process([python, "-m", "moto.server", "-p", str(moto_port)], moto_port, "moto", cpu=LOADGEN_CPU):
+        with run(f"http://127.0.0.1:{moto_port}") as srv:
+            yield srv
+
+
+def _wait_open(port: int, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+@contextmanager
+def _process(argv: list[str], port: int, name: str, src: str | None = None,
+             cpu: str = SERVER_CPU) -> Iterator[int]:
     os.makedirs(RESULTS_LOGS, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": src} if src else None
     with open(os.path.join(RESULTS_LOGS, f"connect-{name}-{port}.log"), "w") as log:
-        proc = subprocess.Popen(pinned(SERVER_CPU, argv), stdout=log, stderr=subprocess.STDOUT, cwd=src or ROOT,
+        proc = subprocess.Popen(pinned(cpu, argv), stdout=log, stderr=subprocess.STDOUT, cwd=src or ROOT,
                                 env=env)
         try:
             wait_port(port, proc)
@@ -85,8 +129,10 @@ def wave(srv: dict[str, Any], count: int, *, rooms: list[dict[str, str]] | None 
     """Connect `count` peers (making their rooms first when `srv` is ours and none are
     given); the server's CPU over it all, per peer, and the wall time of the connects."""
     cpu0, t0 = cpu_seconds(srv["pid"]), time.monotonic()
-    cfg: dict[str, Any] = {"scenario": "capacity", "count": count, "concurrency": concurrency}
-    if srv["kind"] == "ours":
+    # the old server's own clients (Python `websockets`) offer permessage-deflate; it takes it
+    cfg: dict[str, Any] = {"scenario": "capacity", "count": count, "concurrency": concurrency,
+                           "deflate": srv["kind"] == "old"}
+    if "http" in srv:
         if rooms is None:
             rooms, _ = make_rooms(srv, count)
         # every peer presents its own room's signer's id_token (the loadgen's `where`)
@@ -99,34 +145,42 @@ def wave(srv: dict[str, Any], count: int, *, rooms: list[dict[str, str]] | None 
     return {"ms_per_peer": 1000 * (cpu1 - cpu0) / count, "connect_s": connected["seconds"], "wall_s": t1 - t0}
 
 
-def rounds(runs: int, count: int, store: str, before: str | None = None) -> dict[str, Any]:
+def rounds(runs: int, count: int, store: str, before: str | None = None,
+           old_server: tuple[str, str, str] | None = None, log_level: str = "warning") -> dict[str, Any]:
+    """Each round runs bare, ours (and `before`, and the old v2 server) in turn, each on a
+    fresh server; ratios are taken within a round, then the medians over the rounds."""
     per: list[dict[str, Any]] = []
     for i in range(runs):
+        row: dict[str, Any] = {}
         with bare() as srv:
-            b = wave(srv, count)
-        with ours(_fresh(store, i, "now")) as srv:
-            o = wave(srv, count)
-        row = {"ours": o, "bare": b, "ratio": o["ms_per_peer"] / b["ms_per_peer"]}
+            row["bare"] = wave(srv, count)
+        with ours(_fresh(store, i, "now"), log_level=log_level) as srv:
+            row["ours"] = wave(srv, count)
         if before:
-            with ours(_fresh(store, i, "before"), src=before) as srv:
-                row["before"] = w = wave(srv, count)
-            row["before_ratio"] = w["ms_per_peer"] / b["ms_per_peer"]
-            row["now_over_before"] = o["ms_per_peer"] / w["ms_per_peer"]
+            with ours(_fresh(store, i, "before"), src=before, log_level=log_level) as srv:
+                row["before"] = wave(srv, count)
+        if old_server:
+            with old(*old_server, count, log_level=log_level) as srv:
+                row["old"] = wave(srv, count)
         per.append(row)
         print(json.dumps(row), flush=True)
     med = statistics.median
-    out = {
-        "ours_ms": med([r["ours"]["ms_per_peer"] for r in per]),
-        "bare_ms": med([r["bare"]["ms_per_peer"] for r in per]),
-        "ratio": med([r["ratio"] for r in per]),
-        "rounds": [round(r["ratio"], 2) for r in per],
-        "raw": per,
-    }
+
+    def ratio(a: str, b: str) -> tuple[float, list[float]]:
+        each = [r[a]["ms_per_peer"] / r[b]["ms_per_peer"] for r in per]
+        return med(each), [round(x, 2) for x in each]
+
+    out: dict[str, Any] = {"raw": per}
+    for name in per[0]:
+        out[name + "_ms"] = med([r[name]["ms_per_peer"] for r in per])
+        if name != "bare":
+            out[name + "_over_bare"] = ratio(name, "bare")
     if before:
-        out.update(before_ms=med([r["before"]["ms_per_peer"] for r in per]),
-                   before_ratio=med([r["before_ratio"] for r in per]),
-                   now_over_before=med([r["now_over_before"] for r in per]),
-                   now_over_before_rounds=[round(r["now_over_before"], 2) for r in per])
+        out["ours_over_before"] = ratio("ours", "before")
+    if old_server:
+        out["ours_over_old"] = ratio("ours", "old")
+        if before:
+            out["before_over_old"] = ratio("before", "old")
     return out
 
 
@@ -178,6 +232,14 @@ def main() -> int:
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     ap.add_argument("--before", default=None, metavar="DIR",
                     help="also run the server from this checkout (e.g. a git worktree of an older commit)")
+    ap.add_argument("--old", default=None, metavar="DIR",
+                    help="also run the upstream v2 server: webRTC_external/ of talmolab/webRTC-connect")
+    ap.add_argument("--old-python", default="python3", metavar="PATH",
+                    help="a Python with the old server's packages and moto[server] (docs/PERFORMANCE.md)")
+    ap.add_argument("--log-level", default="warning", choices=("info", "warning"),
+                    help="every server's log level (the old server's own is info)")
+    ap.add_argument("--old-aws", choices=("memory", "moto"), default="memory",
+                    help="AWS for the old server: dicts in its process (its own cost only) or a moto server")
     args = ap.parse_args()
     ensure_node_modules()
     if args.quick:
@@ -188,19 +250,31 @@ def main() -> int:
     if args.storm:
         print(json.dumps(storm(args.count)))
         return 0
-    r = rounds(args.runs, args.count, args.store, args.before)
+    r = rounds(args.runs, args.count, args.store, args.before,
+               (args.old, args.old_python, args.old_aws) if args.old else None, args.log_level)
+
+    def cell(key: str) -> str:
+        m, each = r[key]
+        return f"{m:.2f} (rounds {', '.join(map(str, each))})"
+
     rows = [
         f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; "
-        f"store {args.store.split(':')[0]}; {args.runs} interleaved rounds, medians",
+        f"store {args.store.split(':')[0]}; log level {args.log_level}; {args.runs} interleaved rounds, medians",
         "",
-        f"| figure ({args.count:,} peers, rooms of {ROOM_SIZE}) | signaling_trio | bare trio-websocket | ratio |",
-        "|---|---|---|---|",
-        f"| server CPU per connect, ms | {r['ours_ms']:.3f} | {r['bare_ms']:.3f} | {r['ratio']:.2f} "
-        f"(rounds {', '.join(map(str, r['rounds']))}) |",
+        f"| server CPU per connect + register, ms ({args.count:,} peers, rooms of {ROOM_SIZE}) | ms | / bare |",
+        "|---|---|---|",
+        f"| bare trio-websocket | {r['bare_ms']:.3f} | |",
+        f"| signaling_trio | {r['ours_ms']:.3f} | {cell('ours_over_bare')} |",
     ]
     if args.before:
-        rows.append(f"| the same, from {args.before} | {r['before_ms']:.3f} | | {r['before_ratio']:.2f}; now / before "
-                    f"{r['now_over_before']:.2f} (rounds {', '.join(map(str, r['now_over_before_rounds']))}) |")
+        rows.append(f"| signaling_trio from {args.before} | {r['before_ms']:.3f} | {cell('before_over_bare')} |")
+    if args.old:
+        rows.append(f"| old v2 server (AWS: {args.old_aws}) | {r['old_ms']:.3f} | {cell('old_over_bare')} |")
+    rows.append("")
+    for key, what in (("ours_over_before", "now / before"), ("ours_over_old", "now / old v2"),
+                      ("before_over_old", "before / old v2")):
+        if key in r:
+            rows.append(f"{what}: {cell(key)}")
     table = "\n".join(rows)
     print("\n" + table)
     os.makedirs(args.out, exist_ok=True)

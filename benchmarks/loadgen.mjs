@@ -65,6 +65,7 @@ const targets = {
     parse(data) { const m = JSON.parse(data.toString()); return m.type === "OFFER" ? { from: m.src, payload: m.payload } : null; },
   },
 };
+targets.old = targets.ours;  // the upstream v2 server (benchmarks/old_v2.py) speaks the same v2
 const T = targets[cfg.target];
 
 function percentile(sorted, p) {

@@ -51,7 +51,8 @@ async def test_every_scenario_runs(tmp_path):
 async def test_connect_benchmark_runs(tmp_path):
     await quick_run("connect.py", tmp_path, ("node", "npm"))
     table = (tmp_path / "connect.md").read_text()
-    assert "server CPU per connect, ms" in table and "n/a" not in table
+    assert "server CPU per connect + register, ms" in table and "n/a" not in table
+    assert "| signaling_trio |" in table and "| bare trio-websocket |" in table
 
 
 async def test_workers_benchmark_runs(tmp_path):
