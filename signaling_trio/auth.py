@@ -1,7 +1,12 @@
 """Identity: issuing and verifying id_tokens.
 
-Owns: the local RS256 signing key (created on first start, kept in the data dir with mode
+Owns: the local signing key (created on first start, kept in the data dir with mode
 0600), the JWT checks (signature, exp, iss, aud), and a verified-token cache.
+
+A new key is EC P-256 and signs ES256: a signature costs ~0.1 ms against RS256's ~1 ms,
+and every anonymous sign-in is one (docs/PERFORMANCE.md). An RSA key made by an earlier
+version (a data dir's file, or Redis's shared key) keeps signing RS256; either way a token
+is accepted only with the algorithm of the key that signed it.
 Never touches: rooms, sockets; never logs a token.
 
 JOSE is done with joserfc, the JOSE implementation Authlib itself now delegates to
@@ -18,14 +23,15 @@ import orjson
 from joserfc import jwt
 from joserfc.errors import JoseError
 from joserfc.jws import extract_compact
-from joserfc.jwk import KeySet, RSAKey
+from joserfc.errors import InvalidKeyTypeError
+from joserfc.jwk import ECKey, KeySet, RSAKey
 
 from .config import ConfigError
 
 LOCAL_ISSUER = "signaling-trio"
 LOCAL_AUDIENCE = "signaling-trio"
 KEY_FILE = "signing-key.pem"
-ALLOWED_ALGORITHMS = ["RS256"]
+SigningKey = RSAKey | ECKey
 LEEWAY = 30  # seconds of clock skew tolerated on exp/nbf/iat
 
 
@@ -98,8 +104,9 @@ def decode_and_check(token: str, keyset: KeySet, *, algorithms: list[str], issue
 class LocalAuthority:
     """auth=local: the server signs anonymous identities and verifies its own tokens."""
 
-    def __init__(self, key: RSAKey, *, lifetime: int = 86400) -> None:
+    def __init__(self, key: SigningKey, *, lifetime: int = 86400) -> None:
         self.key = key
+        self.alg = key.alg
         self.keyset = KeySet([key])
         self.lifetime = lifetime
         self.issuer = LOCAL_ISSUER
@@ -135,7 +142,7 @@ class LocalAuthority:
             try:
                 key = _key_from_pem(pem)
             except Exception:  # joserfc raises several types for a bad PEM
-                raise ConfigError(f"signing key {path} is not an RSA private key in PEM") from None
+                raise ConfigError(f"signing key {path} is not an EC P-256 or RSA private key in PEM") from None
             if not key.is_private:
                 raise ConfigError(f"signing key {path} holds no private key")
             return cls(key, lifetime=lifetime)
@@ -149,6 +156,10 @@ class LocalAuthority:
         return cls(key, lifetime=lifetime)
 
     def issue(self, sub: str, *, now: float | None = None, lifetime: int | None = None) -> str:
+        """A token for `sub`, known valid from the start: a sign-in's token is used at once
+        (create-room, then every register) and needs no check of its signature (a given `now`, a
+        test's clock, is not cached)."""
+        cache = now is None
         now = self.clock() if now is None else now
         claims = {
             "iss": self.issuer,
@@ -158,7 +169,10 @@ class LocalAuthority:
             "exp": int(now) + (self.lifetime if lifetime is None else lifetime),
             "token_use": "id",
         }
-        return jwt.encode({"alg": "RS256", "kid": self.key.kid}, claims, self.key)
+        token = jwt.encode({"alg": self.alg, "kid": self.key.kid}, claims, self.key)
+        if cache:
+            self.cache.put(token, claims, now)
+        return token
 
     def jwks(self) -> dict[str, Any]:
         return self.keyset.as_dict(private=False)
@@ -167,14 +181,14 @@ class LocalAuthority:
         return self.check(token)
 
     def check(self, token: str, *, now: float | None = None) -> dict[str, Any]:
-        """Verify synchronously (RS256 with our own key needs no I/O)."""
+        """Verify synchronously (our own key needs no I/O)."""
         now = self.clock() if now is None else now
         cached = self.cache.get(token, now)
         if cached is not None:
             return cached
         if not isinstance(token, str) or not token:
             raise AuthError("id_token missing")
-        claims = decode_and_check(token, self.keyset, algorithms=ALLOWED_ALGORITHMS,
+        claims = decode_and_check(token, self.keyset, algorithms=[self.alg],
                                   issuer=self.issuer, audience=self.audience, now=now)
         self.cache.put(token, claims, now)
         return claims
@@ -203,12 +217,18 @@ class EitherIssuer:
         return await self.external.verify(token)
 
 
-def _key_from_pem(pem: bytes) -> RSAKey:
-    """An RS256 signing key whose kid is its RFC 7638 thumbprint (stable across restarts
-    and instances that share the key)."""
-    key = RSAKey.import_key(pem, parameters={"use": "sig", "alg": "RS256"})
-    return RSAKey.import_key(pem, parameters={"use": "sig", "alg": "RS256", "kid": key.thumbprint()})
+def _key_from_pem(pem: bytes) -> SigningKey:
+    """The signing key in `pem` (EC P-256: ES256; RSA: RS256), its kid the RFC 7638
+    thumbprint (stable across restarts and instances that share the key)."""
+    try:
+        key: SigningKey = ECKey.import_key(pem)
+        if key.curve_name != "P-256":
+            raise ValueError(f"EC curve {key.curve_name} is not P-256")
+        alg = "ES256"
+    except InvalidKeyTypeError:
+        key, alg = RSAKey.import_key(pem), "RS256"
+    return type(key).import_key(pem, parameters={"use": "sig", "alg": alg, "kid": key.thumbprint()})
 
 
-def _new_key() -> RSAKey:
-    return _key_from_pem(RSAKey.generate_key(2048).as_pem(private=True))
+def _new_key() -> SigningKey:
+    return _key_from_pem(ECKey.generate_key("P-256").as_pem(private=True))

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import re
 import time
 
+import orjson
 import trio
 
 from joserfc import jwt
-from joserfc.jwk import KeySet
+from joserfc.jwk import KeySet, RSAKey
 
 from conftest import register, ws_peer
 from signaling_trio.testing import open_test_server
@@ -51,8 +55,8 @@ async def test_signin_and_jwks_verify(server):
     status, body = await server.http("POST", "/anonymous-signin")
     assert status == 200 and set(body) == {"id_token", "username"}
     status, jwks = await server.http("GET", "/.well-known/jwks.json")
-    assert status == 200 and jwks["keys"][0]["kty"] == "RSA" and "d" not in jwks["keys"][0]
-    token = jwt.decode(body["id_token"], KeySet.import_key_set(jwks), algorithms=["RS256"])
+    assert status == 200 and jwks["keys"][0]["kty"] == "EC" and "d" not in jwks["keys"][0]
+    token = jwt.decode(body["id_token"], KeySet.import_key_set(jwks), algorithms=[jwks["keys"][0]["alg"]])
     claims = token.claims
     assert claims["sub"] == body["username"]
     assert claims["iss"] and claims["aud"]
@@ -68,6 +72,28 @@ async def test_create_room(server):
     for token in (None, "garbage", signin["id_token"][:-4] + "AAAA"):
         status, body = await server.http("POST", "/create-room", token=token)
         assert status == 401 and body["error"] == "INVALID_ID_TOKEN" and body["message"]
+
+
+async def test_only_the_signing_keys_algorithm(server):
+    """Our tokens verify only with our key's own algorithm: one signed RS256 by another
+    key under our kid, one with alg "none", one HS256 keyed with our public key: 401."""
+    authority = server.server.local_authority
+    assert authority.alg == "ES256"
+    claims = {"iss": authority.issuer, "aud": authority.audience, "sub": "mallory",
+              "exp": int(time.time()) + 600}
+    forged = RSAKey.generate_key(2048, parameters={"kid": authority.key.kid})
+    b64 = lambda b: base64.urlsafe_b64encode(b).rstrip(b"=").decode()  # noqa: E731
+    body = b64(orjson.dumps(claims))
+    hs = b64(orjson.dumps({"alg": "HS256", "kid": authority.key.kid})) + "." + body
+    mac = hmac.new(authority.key.as_pem(private=False), hs.encode(), hashlib.sha256).digest()
+    tokens = [
+        jwt.encode({"alg": "RS256", "kid": authority.key.kid}, claims, forged),
+        b64(b'{"alg":"none"}') + "." + body + ".",
+        hs + "." + b64(mac),
+    ]
+    for token in tokens:
+        status, body = await server.http("POST", "/create-room", token=token)
+        assert status == 401 and body["error"] == "INVALID_ID_TOKEN", token
 
 
 async def test_create_room_expired_id_token(server):

@@ -8,6 +8,9 @@ import stat
 import pytest
 import trio
 
+from joserfc.jwk import ECKey, RSAKey
+from joserfc.jws import extract_compact
+
 from conftest import register, ws_peer
 from signaling_trio import ConfigError
 from signaling_trio.testing import open_test_server
@@ -25,6 +28,28 @@ async def test_rooms_and_tokens_survive_restart(tmp_path):
             assert (await register(p, room, "p"))["type"] == "registered_auth"
         status, _ = await srv.http("POST", "/extend-room", {"room_id": room["room_id"]}, token=room["id_token"])
         assert status == 200
+
+
+async def test_signing_key_kinds(tmp_path):
+    """A new data dir gets an EC P-256 key and ES256 tokens; an RSA key file (what earlier
+    versions made) keeps signing RS256; an EC key on another curve is refused at start."""
+    new, old, odd = tmp_path / "new", tmp_path / "old", tmp_path / "odd"
+    for data, key in ((old, RSAKey.generate_key(2048)), (odd, ECKey.generate_key("P-384"))):
+        data.mkdir()
+        (data / "signing-key.pem").write_bytes(key.as_pem(private=True))
+        os.chmod(data / "signing-key.pem", 0o600)
+    for data, alg, kty in ((new, "ES256", "EC"), (old, "RS256", "RSA")):
+        for _ in range(2):  # and again after a restart, from the file
+            async with open_test_server(store="sqlite", data_dir=str(data)) as srv:
+                room = await srv.new_room()
+                assert extract_compact(room["id_token"].encode()).headers()["alg"] == alg
+                _, jwks = await srv.http("GET", "/.well-known/jwks.json")
+                assert [(k["kty"], k["alg"]) for k in jwks["keys"]] == [(kty, alg)]
+                async with ws_peer(srv.ws_url) as p:
+                    assert (await register(p, room, "p"))["type"] == "registered_auth"
+    with pytest.raises(ConfigError, match="not an EC P-256 or RSA private key"):
+        async with open_test_server(store="sqlite", data_dir=str(odd)):
+            pass
 
 
 async def test_sqlite_path_option(tmp_path):
