@@ -23,6 +23,7 @@ from quart import request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
+from ._httpserve import InlineRequest
 from ._log import event
 from ._prometheus import PrometheusExporter, negotiate
 from ._router import RoomRouter
@@ -327,6 +328,7 @@ def add_routes(app: QuartTrio, api: HttpApi, routes: tuple[tuple[str, str, str],
 
 def create_app(ctx: HttpContext) -> QuartTrio:
     app = QuartTrio("signaling_trio")
+    app.asgi_http_class = InlineRequest  # type: ignore[assignment]
     app.config["MAX_CONTENT_LENGTH"] = 64 * 1024
     add_routes(app, HttpApi(ctx), ROUTES)
     for key, handler in ERROR_HANDLERS:

@@ -21,11 +21,21 @@ has races that one client can trigger; each change here closes one of them.
   API's JSON error shape and the connection closed.
 The keep-alive hang (a request after a POST whose body arrived after its answer was
 never read) is closed in `_httpguard`, which reads each body before the app runs.
+
+Two costs of a request are cut (docs/PERFORMANCE.md; every `/anonymous-signin` and
+`/create-room` is a new connection, so they count in a reconnect wave):
+- The idle timer is a deadline on the reader, not hypercorn's timer task started and
+  cancelled around every request. It also bounds a request's headers, as before.
+- `InlineRequest` runs a request in the task hypercorn gave it: quart-trio's second task
+  waits for body chunks and a disconnect, and `_httpguard` has already read the body and
+  passes on no disconnect. A request whose client leaves is still cancelled with its
+  connection's task group.
 `tests/test_http_attacks.py` fails if any of these stops holding.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -42,6 +52,8 @@ from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import ConnectionState
 from hypercorn.utils import parse_socket_addr
+from quart.wrappers import Response
+from quart_trio.asgi import TrioASGIHTTPConnection
 
 from ._accept import serve_listener
 from ._httpguard import Refusal
@@ -75,7 +87,7 @@ class _H11(H11Protocol):
     async def _send_h11_event(self, event: Any) -> None:
         """As hypercorn's, but a response's head waits for its body's first bytes (or its
         end) and goes out in the same write: one send per answer instead of three. A
-        streamed answer (the status page's events) sends a first chunk at once."""
+        streamed answer would send its first chunk at once (no endpoint streams today)."""
         try:
             data = self.connection.send(event)
         except h11.LocalProtocolError:
@@ -96,6 +108,27 @@ class _H11(H11Protocol):
         except h11.LocalProtocolError:
             return
         await self.send(RawData(data=data))
+
+
+class InlineRequest(TrioASGIHTTPConnection):
+    """quart-trio's HTTP connection in one task (the module docstring says why)."""
+
+    async def __call__(self, receive: Any, send: Any) -> None:
+        request = self._create_request_from_scope(send)
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # gone before the body was whole: nobody to answer
+            request.body.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        request.body.set_complete()
+        response = await self.app.handle_request(request)
+        timeout = response.timeout if isinstance(response, Response) else Ellipsis
+        if timeout is Ellipsis:
+            timeout = self.app.config["RESPONSE_TIMEOUT"]
+        with trio.move_on_after(math.inf if timeout is None else timeout):
+            await self._send_response(send, response)
 
 
 class HttpConnection(TCPServer):
@@ -119,7 +152,7 @@ class HttpConnection(TCPServer):
                 self._task_group = task_group
                 self.protocol = _H11(self.app, self.config, self.context, task_group,  # type: ignore[assignment]
                                      ConnectionState(self.state.copy()), False, client, server, self.protocol_send)
-                await self.idle_task.restart(task_group, self._idle_timeout)
+                self._idle(True)
                 with self._reading:
                     await self._read_data()
         finally:
@@ -138,10 +171,11 @@ class HttpConnection(TCPServer):
             else:
                 await self._close()
         elif isinstance(event, Updated):
-            if event.idle:
-                await self.idle_task.restart(self._task_group, self._idle_timeout)
-            else:
-                await self.idle_task.stop()
+            self._idle(event.idle)
+
+    def _idle(self, idle: bool) -> None:
+        """Idle (no request under way): the reader's deadline is the keep-alive timeout."""
+        self._reading.deadline = trio.current_time() + KEEP_ALIVE_TIMEOUT if idle else math.inf
 
     def _answer_under_way(self) -> bool:
         """A response has begun and not ended: the reader's protocol errors (bytes after a
@@ -174,7 +208,6 @@ class HttpConnection(TCPServer):
             protocol = getattr(self, "protocol", None)
             if protocol is not None:
                 await protocol.handle(Closed())
-            await self.idle_task.stop()
 
     async def _initiate_server_close(self) -> None:
         await self._close()
@@ -211,7 +244,9 @@ async def serve_http(
                 task_status.started()
                 await stop.wait()
                 accepting.cancel_scope.cancel()
-            await context.terminated.set()  # idle keep-alive connections close now
+            await context.terminated.set()  # answers from now on close their connection
+            # requests under way get GRACEFUL_TIMEOUT; idle keep-alive connections and
+            # whatever is left are cancelled then
             connections.cancel_scope.deadline = trio.current_time() + GRACEFUL_TIMEOUT
         await lifespan.wait_for_shutdown()
         lifespan_nursery.cancel_scope.cancel()

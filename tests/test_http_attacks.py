@@ -12,7 +12,8 @@ import pytest
 import trio
 
 from conftest import register, ws_peer
-from rawhttp import exchange, port_of
+from rawhttp import exchange, parse_answers, port_of
+from signaling_trio._httpserve import KEEP_ALIVE_TIMEOUT
 from signaling_trio.testing import open_test_server
 
 BAD_CHUNK = b"POST /nope HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"
@@ -217,6 +218,24 @@ async def test_keep_alive_connections_idle_out(server):
             port, b"POST /anonymous-signin HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n", timeout=12
         )
     assert closed and [a.status for a in answers] == [200]
+
+
+async def test_stop_closes_idle_keep_alive_connections():
+    """Stopping closes a kept-alive connection idle between requests within the grace
+    period (not at its idle timeout), after the answer it already had."""
+    async with open_test_server() as srv:
+        stream = await trio.open_tcp_stream("127.0.0.1", port_of(srv.http_url))
+        await stream.send_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        data = b""
+        with trio.fail_after(5):
+            while not parse_answers(data):
+                data += await stream.receive_some(65536)
+        assert parse_answers(data)[0].status == 200
+        stopping = trio.current_time()
+    with trio.fail_after(5):
+        assert await stream.receive_some(65536) == b""
+    assert trio.current_time() - stopping < KEEP_ALIVE_TIMEOUT
+    await stream.aclose()
 
 
 def open_fds() -> int:
