@@ -33,7 +33,7 @@ from ._http_pages import ROUTES as PAGE_ROUTES
 from ._http_pages import PagesApi
 from ._httpguard import HttpGuard
 from ._httpserve import serve_http
-from ._log import DroppingQueueHandler, event
+from ._log import BatchWriter, event
 from ._metrics import Metrics
 from ._oauth import provider_for
 from ._oidc import OidcVerifier
@@ -346,7 +346,7 @@ class SignalingServer:
             "rate_limited_drops": m.rate_limited_drops,
             "room_crashes": m.room_crashes,
             "connection_crashes": m.connection_crashes,
-            "log_lines_dropped": DroppingQueueHandler.dropped,
+            "log_lines_dropped": BatchWriter.dropped,
             "uptime_sec": round(time.time() - self.started_at, 3),
         } | self.router.json_fields() | self._handoff_fields()
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 
@@ -15,6 +18,7 @@ import pytest
 import trio
 
 from conftest import register, ws_peer
+from signaling_trio import _log
 from signaling_trio.config import ConfigError, Settings, from_args
 
 
@@ -190,6 +194,53 @@ async def test_cli_json_logs(tmp_path):
     # never payloads, SDP, metadata values or tokens
     for secret in (signin["id_token"], room["token"], "s3cr3t", "v=0 private"):
         assert secret not in err
+
+
+def test_log_lines_batched_in_order_flushed_at_shutdown(monkeypatch):
+    """The writer thread writes lines in order, several per write, and what is queued at
+    shutdown; past MAX_QUEUED waiting lines it drops and counts instead of waiting."""
+
+    class Stream(io.StringIO):
+        writes = 0
+
+        def write(self, text: str) -> int:
+            Stream.writes += 1
+            return super().write(text)
+
+    stream = Stream()
+    _log.setup("info", "text", stream)
+    try:
+        for i in range(2000):
+            _log.event(logging.INFO, "register", conn=i)
+    finally:
+        _log.shutdown()
+    lines = stream.getvalue().splitlines()
+    assert [int(line.rsplit("conn=", 1)[1]) for line in lines] == list(range(2000))
+    assert " info    register conn=0" in lines[0] and 1 <= Stream.writes < 100
+
+    # stderr stuck in a write: the deque fills to MAX_QUEUED, the rest is dropped, counted
+    monkeypatch.setattr(_log, "MAX_QUEUED", 10)
+    entered, release = threading.Event(), threading.Event()
+
+    class Stuck(io.StringIO):
+        def write(self, text: str) -> int:
+            entered.set()
+            release.wait(10)
+            return super().write(text)
+
+    dropped, stream = _log.BatchWriter.dropped, Stuck()
+    _log.setup("info", "text", stream)
+    try:
+        _log.event(logging.INFO, "first")
+        assert entered.wait(5)
+        for i in range(25):
+            _log.event(logging.INFO, "queued", i=i)
+        assert _log.BatchWriter.dropped == dropped + 15
+    finally:
+        release.set()
+        _log.shutdown()
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 11 and lines[-1].endswith("queued i=9")
 
 
 async def test_unread_stderr_never_stalls_the_server(tmp_path):
