@@ -2,12 +2,12 @@
 
 Owns: the local signing key (created on first start, kept in the data dir with mode
 0600), the JWT checks (signature, exp, iss, aud), and a verified-token cache.
+Never touches: rooms, sockets; never logs a token.
 
 A new key is EC P-256 and signs ES256: a signature costs ~0.1 ms against RS256's ~1 ms,
 and every anonymous sign-in is one (docs/PERFORMANCE.md). An RSA key made by an earlier
 version (a data dir's file, or Redis's shared key) keeps signing RS256; either way a token
 is accepted only with the algorithm of the key that signed it.
-Never touches: rooms, sockets; never logs a token.
 
 JOSE is done with joserfc, the JOSE implementation Authlib itself now delegates to
 (`authlib.jose` is deprecated in its favour).
@@ -21,9 +21,8 @@ from typing import Any, Protocol
 
 import orjson
 from joserfc import jwt
-from joserfc.errors import JoseError
+from joserfc.errors import InvalidKeyTypeError, JoseError
 from joserfc.jws import extract_compact
-from joserfc.errors import InvalidKeyTypeError
 from joserfc.jwk import ECKey, KeySet, RSAKey
 
 from .config import ConfigError
@@ -156,9 +155,9 @@ class LocalAuthority:
         return cls(key, lifetime=lifetime)
 
     def issue(self, sub: str, *, now: float | None = None, lifetime: int | None = None) -> str:
-        """A token for `sub`, known valid from the start: a sign-in's token is used at once
-        (create-room, then every register) and needs no check of its signature (a given `now`, a
-        test's clock, is not cached)."""
+        """A token for `sub`, put in the verified-token cache as it is made: a sign-in's
+        token is used at once (create-room, then every register) and needs no check here.
+        (A given `now`, a test's clock, is not cached.)"""
         cache = now is None
         now = self.clock() if now is None else now
         claims = {
