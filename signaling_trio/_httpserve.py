@@ -209,9 +209,6 @@ class HttpConnection(TCPServer):
             if protocol is not None:
                 await protocol.handle(Closed())
 
-    async def _initiate_server_close(self) -> None:
-        await self._close()
-
 
 async def serve_http(
     app: Any,
