@@ -22,7 +22,6 @@ import json
 import os
 import platform
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -72,8 +71,7 @@ def old(server_dir: str, python: str, aws: str, count: int, log_level: str = "wa
     def run(aws_arg: str) -> Iterator[dict[str, Any]]:
         argv = [python, os.path.join(HERE, "old_v2.py"), server_dir, str(ws_port), str(http_port), aws_arg,
                 log_level]
-        with _process(argv, ws_port, "old") as pid:
-            _wait_open(http_port)
+        with _process(argv, ws_port, "old", also=(http_port,)) as pid:
             yield {"kind": "old", "pid": pid, "ws_url": f"ws://127.0.0.1:{ws_port}/",
                    "http": f"http://127.0.0.1:{http_port}"}
 
@@ -87,28 +85,18 @@ def old(server_dir: str, python: str, aws: str, count: int, log_level: str = "wa
             yield srv
 
 
-def _wait_open(port: int, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
-
-
 @contextmanager
 def _process(argv: list[str], port: int, name: str, src: str | None = None,
-             cpu: str = SERVER_CPU) -> Iterator[int]:
+             cpu: str = SERVER_CPU, also: tuple[int, ...] = ()) -> Iterator[int]:
+    """`argv` started (pinned to `cpu`), once `port` and the ports `also` accept."""
     os.makedirs(RESULTS_LOGS, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": src} if src else None
     with open(os.path.join(RESULTS_LOGS, f"connect-{name}-{port}.log"), "w") as log:
         proc = subprocess.Popen(pinned(cpu, argv), stdout=log, stderr=subprocess.STDOUT, cwd=src or ROOT,
                                 env=env)
         try:
-            wait_port(port, proc)
+            for each in (port, *also):
+                wait_port(each, proc)
             time.sleep(0.3)
             yield proc.pid
         finally:

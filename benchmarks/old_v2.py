@@ -34,6 +34,7 @@ import sys
 import threading
 
 REGION = "us-west-1"
+POOL, CLIENT = f"{REGION}_bench", "benchclient"  # the user pool and app client `memory:` stands in for
 
 
 def _aws(moto_url: str) -> tuple[str, str]:
@@ -105,9 +106,6 @@ def _memory_aws(count: int) -> tuple[list[dict], list[str]]:
                           "exp": now + 7200, "cognito:username": str(uuid.uuid4())}, signer, algorithm="RS256",
                          headers={"kid": "bench"}) for _ in range(count)]
     return [public], tokens
-
-
-POOL, CLIENT = f"{REGION}_bench", "benchclient"
 
 
 def _import_server(server_dir: str, moto_url: str):
