@@ -57,6 +57,10 @@ class Register:
     # sleap-rtc registrations: what else registered_auth carries (ice_servers, ...);
     # None for v1/v2 (their registered_auth stays as it was)
     welcome: dict[str, Any] | None = None
+    restored: bool = False  # the peer was in the room before it moved (its handover applies)
+    # the cluster's hold on this attempt at registering: begin() before the room handles
+    # it (False: a newer attempt superseded it; skip it), end() after
+    answer: AnswerHold | None = None
 
 
 class AnswerHold(Protocol):
@@ -200,21 +204,29 @@ class RoomActor:
         elif type(cmd) is Leave:
             self._apply(state.leave(cmd.conn))
         elif type(cmd) is Register:
-            fx = state.register(
-                cmd.conn, peer_id=cmd.peer_id, subject=cmd.subject, role=cmd.role,
-                metadata=cmd.metadata, token=cmd.token, now=now, announce=cmd.announce,
-                is_admin=cmd.is_admin, welcome=cmd.welcome,
-            )
-            self._apply(fx)
-            bound = state.by_conn.get(cmd.conn)
-            cmd.reply.send_nowait(bound.peer_id if bound is not None else None)
-            self.metrics.messages_by_type["register"] += 1
+            hold = cmd.answer
+            if hold is None or hold.begin():
+                self._register(cmd, now)
+                if hold is not None:
+                    hold.end()
         elif type(cmd) is Call:
             result = CALLS[cmd.op](state, *cmd.args)
             if isinstance(result, Effects):
                 self._apply(result)
                 result = None
             cmd.reply.send_nowait(result)
+
+    def _register(self, cmd: Register, now: float) -> None:
+        state = self.state
+        fx = state.register(
+            cmd.conn, peer_id=cmd.peer_id, subject=cmd.subject, role=cmd.role,
+            metadata=cmd.metadata, token=cmd.token, now=now, announce=cmd.announce,
+            is_admin=cmd.is_admin, welcome=cmd.welcome, restored=cmd.restored,
+        )
+        self._apply(fx)
+        bound = state.by_conn.get(cmd.conn)
+        cmd.reply.send_nowait(bound.peer_id if bound is not None else None)
+        self.metrics.messages_by_type["register"] += 1
 
     def _apply(self, fx: Effects) -> None:
         for conn, text in fx.sends:

@@ -1,7 +1,9 @@
 """An in-memory stand-in for Redis as the cluster uses it (cluster/transport.Transport),
 for cluster unit tests that run without a redis-server: leases that lapse on trio's
 clock, one channel per instance, saved handovers. `down` makes every call fail as an
-unreachable Redis does; `pause_leases` holds lease calls until released."""
+unreachable Redis does; `pause_leases` holds lease calls until released; an instance in
+`deaf` receives nothing (publishes to it find no subscriber, as while it resubscribes
+after a Redis restart)."""
 
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ class FakeHub:
         self.peer_rooms: dict[str, str] = {}
         self.stats: dict[str, dict[str, Any]] = {}
         self.down = False
+        self.deaf: set[str] = set()
         self.lease_gate: trio.Event | None = None
         self.lease_calls = 0
 
@@ -77,7 +80,7 @@ class FakeTransport:
     async def publish(self, instance: str, payload: bytes) -> int:
         await self._reach()
         channel = self.hub.channels.get(instance)
-        if channel is None:
+        if channel is None or instance in self.hub.deaf:
             return 0
         channel.send_nowait(payload)
         return 1

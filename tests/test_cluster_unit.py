@@ -230,3 +230,107 @@ async def test_a_request_the_old_owner_never_answered_is_answered_by_the_new_one
     assert answer["peers"] == [] and not link.awaiting
     await trio.sleep(1)
     assert [f["type"] for f in c.frames].count("peer_list") == 0
+
+
+async def _moves_to(inst: Instance, link: RoomLink, hub: FakeHub) -> None:
+    """The room's lease passes to `inst` (its old owner stalled), and `inst` follows it."""
+    hub.leases["r"] = (inst.cluster.id, trio.current_time() + 60)
+    with trio.fail_after(TAKEOVER_AFTER + 10):
+        while link.actor is None:
+            await trio.sleep(0.05)
+
+
+async def test_a_register_answer_held_up_while_the_room_moves_is_given_once(pair, hub):
+    a, b = pair
+    await a.cluster.open("r")
+    c = FakeConn("c")
+    hub.deaf.add(b.cluster.id)  # a's answer to b (registered_auth, Joined) waits in a's outlink
+    async with trio.open_nursery() as nursery:
+        bound: list[str | None] = []
+
+        async def join() -> None:
+            bound.append((await register(b, c))[1])
+
+        nursery.start_soon(join)
+        with trio.fail_after(5):
+            while not a.supervisor.rooms.get("r") or not a.supervisor.rooms["r"].state.peers:
+                await trio.sleep(0.01)  # a has answered
+        await _moves_to(b, b.cluster.links["r"], hub)  # b restores c in its own actor
+        hub.deaf.discard(b.cluster.id)  # a's held answer arrives now, after the move
+    assert bound == ["c"]
+    await trio.sleep(1)
+    assert [f["type"] for f in c.frames].count("registered_auth") == 1
+
+
+@pytest.mark.parametrize("queued", [True, False], ids=["queued", "handed-to-the-waiting-actor"])
+@pytest.mark.parametrize("first", [True, False], ids=["register", "re-register"])
+async def test_a_register_sent_to_a_room_given_up_is_answered_once_by_the_next_owner(pair, hub, first, queued):
+    a, b = pair
+    c, w = FakeConn("c"), FakeConn("w")
+    link, _ = await register(a, w)  # the room lives on a, with w's connection (and c's)
+    if not first:
+        await register(a, c)
+        await c.next("registered_auth")
+    await trio.sleep(0.1)  # a's actor waits for its next command
+    send, recv = trio.open_memory_channel[Any](1)
+    if queued:  # it is handed this one; c's Register stays in its inbox
+        raw = json.dumps({"type": "discover_peers", "filters": {}})
+        link.send_nowait(Message(w, json.loads(raw), raw))
+    link.send_nowait(Register(c, "c", "user-c", "peer", {}, "tok", send))
+    hub.leases["r"] = (b.cluster.id, trio.current_time() + 60)
+    a.cluster._adopt(link, b.cluster.id)  # a learns that b took the room, before its actor runs again
+    with trio.fail_after(5):
+        assert await recv.receive() == "c"  # answered by b, not after REPLY_TIMEOUT
+    await trio.sleep(1)
+    assert [f["type"] for f in c.frames].count("registered_auth") == 1
+    assert link.members[c.id].confirmed and "c" in b.supervisor.rooms["r"].state.peers
+
+
+async def test_a_re_register_in_flight_when_the_room_moves_is_answered(pair, hub, nursery):
+    a, b = pair
+    d = Instance(hub)  # the room's next owner, with a peer of its own
+    await nursery.start(d.run)
+    await a.cluster.open("r")
+    c, w = FakeConn("c"), FakeConn("w")
+    await register(d, w)
+    link, _ = await register(b, c)
+    await c.next("registered_auth")
+    await say(link, c, {"type": "subscribe", "filters": {}})
+    await c.next("subscribed")
+    with trio.fail_after(5):
+        while "r" not in hub.handovers:  # the owner saves what it would hand over
+            await trio.sleep(0.05)
+    hub.deaf.add(a.cluster.id)  # b's Join for the re-register does not reach a
+    send, recv = trio.open_memory_channel[Any](1)
+    await link.send(Register(c, "c", "user-c", "peer", {"n": 1}, "tok", send))
+    hub.leases["r"] = (d.cluster.id, trio.current_time() + 60)
+    await d.cluster.open("r")  # d takes the room up (and its handover) before c's Join arrives
+    with trio.fail_after(TAKEOVER_AFTER + 10):
+        while link.owner != d.cluster.id:
+            await trio.sleep(0.05)
+    hub.deaf.discard(a.cluster.id)
+    with trio.fail_after(5):
+        assert await recv.receive() == "c"
+    await trio.sleep(1)
+    assert [f["type"] for f in c.frames].count("registered_auth") == 1
+    # still the peer it was: its subscription came with the room
+    assert "c" in d.supervisor.rooms["r"].state.subscribers
+
+
+async def test_a_register_given_up_on_is_not_answered_later(pair, hub):
+    a, b = pair
+    await a.cluster.open("r")
+    c = FakeConn("c")
+    link, _ = await register(b, c)
+    await c.next("registered_auth")
+    hub.deaf.add(b.cluster.id)  # a's answer to the re-register is held up...
+    send, recv = trio.open_memory_channel[Any](1)
+    await link.send(Register(c, "c", "user-c", "peer", {"n": 1}, "tok", send))
+    with trio.fail_after(5):
+        while a.supervisor.rooms["r"].state.peers["c"].metadata != {"n": 1}:
+            await trio.sleep(0.01)
+    link.register_abandoned(c.id)  # ...past the connection's REPLY_TIMEOUT (it sent the error)
+    hub.deaf.discard(b.cluster.id)
+    await trio.sleep(1)
+    assert [f["type"] for f in c.frames].count("registered_auth") == 0
+    assert link.members[c.id].confirmed  # in the room from before, still

@@ -115,19 +115,28 @@ class RemoteAnswer:
 
 
 class RemoteReply:
-    """The answer to a `Join` from another instance, sent back as `Joined`."""
+    """The answer to a `Join` from another instance: the peer id bound (the reply) and
+    what the room said to the peer meanwhile (the hold), sent back as one `Joined`."""
 
-    __slots__ = ("host", "instance", "room_id", "cid", "req", "on_refused")
+    __slots__ = ("rc", "req", "on_refused", "value")
 
-    def __init__(self, host: LinkHost, instance: str, join: wire.Join, on_refused: Callable[[], None]) -> None:
-        self.host, self.instance = host, instance
-        self.room_id, self.cid, self.req = join.room_id, join.cid, join.req
-        self.on_refused = on_refused
+    def __init__(self, rc: RemoteConn, req: int, on_refused: Callable[[], None]) -> None:
+        self.rc, self.req, self.on_refused = rc, req, on_refused
+        self.value: str | None = None
+
+    def begin(self) -> bool:
+        self.rc.held = []
+        return True
 
     def send_nowait(self, value: str | None) -> None:
+        self.value = value
         if value is None:
             self.on_refused()
-        self.host.outlink(self.instance).put(wire.Joined(self.room_id, self.cid, self.req, value))
+
+    def end(self) -> None:
+        rc = self.rc
+        texts, rc.held = rc.held or [], None
+        rc.host.outlink(rc.instance).put(wire.Joined(rc.room_id, rc.cid, self.req, self.value, texts))
 
 
 # ----------------------------------------------------------------- at home
@@ -151,10 +160,15 @@ class LocalAnswer:
 
 
 class Member:
-    """A local connection in a room, as its link remembers it for a restore elsewhere."""
+    """A local connection in a room, as its link remembers it for a restore elsewhere.
+
+    `req` numbers the newest attempt at registering it (its Register, or a restore after
+    a move): only that attempt is handled and answered (`Confirm`), so a peer hears one
+    `registered_auth` per Register however often its room moves meanwhile. `waiting` is
+    the connection's reply while its Register is unanswered: it goes with each attempt."""
 
     __slots__ = ("conn", "peer_id", "subject", "role", "metadata", "token", "is_admin", "welcome", "req",
-                 "confirmed")
+                 "confirmed", "waiting")
 
     def __init__(self, cmd: Register, req: int) -> None:
         self.conn: LocalConn = cmd.conn  # type: ignore[assignment]
@@ -167,35 +181,37 @@ class Member:
         self.welcome = cmd.welcome
         self.req = req
         self.confirmed = False
+        self.waiting: Reply | None = cmd.reply
 
-    def register(self, reply: Reply, announce: bool) -> Register:
-        return Register(self.conn, self.peer_id, self.subject, self.role, self.metadata, self.token, reply, announce,
-                        self.is_admin, self.welcome)
+    def register(self, confirm: "Confirm", announce: bool) -> Register:
+        return Register(self.conn, self.peer_id, self.subject, self.role, self.metadata, self.token, confirm,
+                        announce=announce, is_admin=self.is_admin, welcome=self.welcome, restored=self.confirmed,
+                        answer=confirm)
 
     def join(self, room_id: str, announce: bool) -> wire.Join:
         return wire.Join(room_id, self.conn.id, self.req, self.peer_id, self.subject, self.role,
-                         self.metadata, self.token, announce, self.is_admin, self.welcome)
+                         self.metadata, self.token, announce, self.is_admin, self.welcome, self.confirmed)
 
 
 class Confirm:
-    """Wraps a Register's reply: records the outcome on the member, then passes it on."""
+    """Reply and hold of attempt `req` at registering a local connection in a room that
+    runs here: handled only while it is the member's newest attempt (one still queued
+    for a room given up, say, is skipped); its outcome is recorded on the member."""
 
-    __slots__ = ("link", "cid", "req", "reply")
+    __slots__ = ("link", "cid", "req")
 
-    def __init__(self, link: "RoomLink", cid: int, req: int, reply: Reply | None) -> None:
-        self.link, self.cid, self.req, self.reply = link, cid, req, reply
+    def __init__(self, link: "RoomLink", cid: int, req: int) -> None:
+        self.link, self.cid, self.req = link, cid, req
+
+    def begin(self) -> bool:
+        member = self.link.members.get(self.cid)
+        return member is not None and member.req == self.req
+
+    def end(self) -> None:
+        pass
 
     def send_nowait(self, value: str | None) -> None:
         self.link.confirmed(self.cid, self.req, value)
-        if self.reply is not None:
-            try:
-                self.reply.send_nowait(value)
-            except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
-                pass  # the connection stopped waiting
-
-
-def _unwrap(reply: Any) -> Reply | None:
-    return reply.reply if isinstance(reply, Confirm) else reply
 
 
 class RoomLink:
@@ -209,7 +225,7 @@ class RoomLink:
         self.owner: str | None = None
         self.actor: RoomActor | None = None
         self.members: dict[int, Member] = {}
-        self.pending: dict[int, Confirm] = {}  # cid -> the Register sent to a remote owner, unanswered
+        self.pending: dict[int, int] = {}  # cid -> req of the Join sent to a remote owner, unanswered
         # requests sent to a remote owner and not yet answered: cid -> {seq: (raw, sent_at)};
         # sent again to the next owner if the room moves before they are answered
         self.awaiting: dict[int, dict[int, tuple[str, float]]] = {}
@@ -224,8 +240,7 @@ class RoomLink:
         if actor is None:
             self._remote(cmd)
             return
-        cmd = self._confirming(cmd)
-        undo = self._track(cmd)  # before the send: the actor may answer before we resume
+        cmd, undo = self._track(cmd)  # before the send: the actor may answer before we resume
         try:
             actor.inbox.send_nowait(cmd)
         except BaseException:
@@ -237,8 +252,7 @@ class RoomLink:
         if actor is None:
             self._remote(cmd)
             return
-        cmd = self._confirming(cmd)
-        undo = self._track(cmd)
+        cmd, undo = self._track(cmd)
         try:
             await actor.inbox.send(cmd)
         except BaseException:
@@ -246,22 +260,23 @@ class RoomLink:
             raise
 
     def register_abandoned(self, conn_id: Any) -> None:
-        """The connection stopped waiting for its Register's answer."""
+        """The connection stopped waiting for its Register's answer (and said so): no
+        answer to that Register may reach it now."""
         self.pending.pop(conn_id, None)
         member = self.members.get(conn_id)
-        if member is not None and not member.confirmed:
+        if member is None:
+            return
+        if not member.confirmed:
             del self.members[conn_id]
+        else:  # in the room from before: it stays, and the late attempt is void
+            member.waiting = None
+            member.req = next(self.host.reqs)
 
     # ------------------------------------------------------------- internals
-    def _confirming(self, cmd: Command) -> Command:
-        """A Register whose answer also records the outcome on its member."""
-        if type(cmd) is Register and not isinstance(cmd.reply, Confirm):
-            cmd.reply = Confirm(self, cmd.conn.id, next(self.host.reqs), cmd.reply)
-        return cmd
-
-    def _track(self, cmd: Command) -> Callable[[], None]:
-        """Remember what a restore elsewhere would need; returns how to forget it again
-        (the send failed)."""
+    def _track(self, cmd: Command) -> tuple[Command, Callable[[], None]]:
+        """Remember what a restore elsewhere would need; returns the command to send (a
+        Register: one answered through its member) and how to forget it again (the
+        send failed)."""
         cid = cmd.conn.id  # type: ignore[union-attr]
         old = self.members.get(cid)
         kind = type(cmd)
@@ -269,14 +284,15 @@ class RoomLink:
             if cmd.msg["type"] == "update_metadata" and old is not None:  # type: ignore[union-attr]
                 before = old.metadata
                 self._note_metadata(cid, cmd.msg)  # type: ignore[union-attr]
-                return lambda: setattr(old, "metadata", before)
+                return cmd, lambda: setattr(old, "metadata", before)
         elif kind is Register:
-            member = Member(cmd, cmd.reply.req)  # type: ignore[arg-type, union-attr]
+            member = Member(cmd, next(self.host.reqs))  # type: ignore[arg-type]
             member.confirmed = old is not None and old.confirmed  # a re-register: in the room either way
             self.members[cid] = member
+            cmd = member.register(Confirm(self, cid, member.req), cmd.announce)  # type: ignore[union-attr]
         elif kind is Leave:  # gone from this room whether or not the Leave arrives
             self._forget(cid)
-            return lambda: None
+            return cmd, lambda: None
 
         def undo() -> None:
             if old is None:
@@ -284,7 +300,7 @@ class RoomLink:
             else:
                 self.members[cid] = old
 
-        return undo
+        return cmd, undo
 
     def _forget(self, cid: int) -> None:
         self.members.pop(cid, None)
@@ -311,11 +327,10 @@ class RoomLink:
             if kind is not Leave:
                 raise trio.BrokenResourceError("the room is gone")  # the connection says NOT_IN_ROOM
             return
-        cmd = self._confirming(cmd)
         self._track(cmd)  # nothing to undo: publishing does not fail here
         out = self.host.outlink(owner)
         if kind is Register:
-            self.restore(self.members[cid], _unwrap(cmd.reply), cmd.announce)  # type: ignore[union-attr]
+            self.restore(self.members[cid])
         elif kind is Leave:
             out.put(wire.Part(self.room_id, cid))
         elif cmd.msg["type"] in ANSWERED_TYPES:  # type: ignore[union-attr]
@@ -375,56 +390,67 @@ class RoomLink:
 
     # ------------------------------------------------------------- restores
     def confirmed(self, cid: int, req: int, value: str | None) -> None:
+        """Attempt `req` at registering `cid` was answered: the peer id bound, or None
+        (refused; a restore into a room now full, say: not in the room). Only the
+        member's newest attempt counts; its connection, if it waits, gets the answer."""
         member = self.members.get(cid)
         if member is None or member.req != req:
             return
-        if value is None:  # refused (a restore into a room now full, say): not in the room
+        waiting, member.waiting = member.waiting, None
+        if value is None:
             del self.members[cid]
             member.conn.room_lost(self)
         else:
             member.confirmed = True
             member.peer_id = value
+        if waiting is not None:
+            try:
+                waiting.send_nowait(value)
+            except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
+                pass  # the connection stopped waiting
 
     def joined(self, answer: wire.Joined) -> None:
-        """The owner's answer to a Register we sent it."""
-        waiting = self.pending.get(answer.cid)
-        if waiting is not None and waiting.req == answer.req:
-            del self.pending[answer.cid]
-            waiting.send_nowait(answer.peer_id)  # records, then answers
+        """The owner's answer to a Join we sent it: given to the peer only if it is the
+        answer to the newest (an older one crossed a move of the room)."""
+        if self.pending.get(answer.cid) != answer.req:
+            self.host.metrics.cluster_duplicates += 1
+            return
+        del self.pending[answer.cid]
+        member = self.members.get(answer.cid)
+        if member is not None and member.req == answer.req:
+            for text in answer.texts or ():
+                member.conn.deliver(text)
+        self.confirmed(answer.cid, answer.req, answer.peer_id)
 
     def restore_all(self) -> None:
         """Send every member (and every unanswered Register and request) to the room's
         new home."""
-        pending, self.pending = self.pending, {}
+        self.pending = {}
         for cid, member in list(self.members.items()):
-            if member.confirmed:
-                self.restore(member, None, False)
-            else:  # its connection still waits for the answer
-                waiting = pending.get(cid)
-                self.restore(member, _unwrap(waiting) if waiting else None, True)
+            self.restore(member)
             self.resend_requests(cid)
 
     def resend(self, cid: int) -> None:
         """One Register the owner bounced ("not mine"), sent again to the current owner."""
-        waiting = self.pending.pop(cid, None)
         member = self.members.get(cid)
-        if waiting is None or member is None:
+        if self.pending.pop(cid, None) is None or member is None:
             return
-        self.restore(member, _unwrap(waiting), not member.confirmed)
+        self.restore(member)
 
-    def restore(self, member: Member, reply: Reply | None, announce: bool) -> None:
-        """Send `member`'s Register (again) to wherever the room is now; the answer is
-        recorded on the member, then handed to `reply` (if any)."""
+    def restore(self, member: Member) -> None:
+        """Send `member`'s Register (again) to wherever the room is now, as its newest
+        attempt. A peer whose connection waits for the answer, or that was never
+        confirmed, gets `registered_auth` from it; a peer already told does not."""
         cid = member.conn.id
         req = member.req = next(self.host.reqs)
-        confirm = Confirm(self, cid, req, reply)
+        announce = member.waiting is not None or not member.confirmed
         if self.actor is not None:
-            cmd = member.register(confirm, announce)
+            cmd = member.register(Confirm(self, cid, req), announce)
             try:
                 self.actor.inbox.send_nowait(cmd)
             except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
                 self.host.spawn(to_actor, self.actor, cmd)
         else:
             assert self.owner is not None
-            self.pending[cid] = confirm
+            self.pending[cid] = req
             self.host.outlink(self.owner).put(member.join(self.room_id, announce))

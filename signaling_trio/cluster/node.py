@@ -164,8 +164,7 @@ class Cluster:
         """The room moved (or its owner could not tell): find it, send the Register again."""
         link = self.links.get(item.room_id)
         if link is not None and link.actor is None:
-            waiting = link.pending.get(item.cid)
-            if waiting is not None and waiting.req == item.req:
+            if link.pending.get(item.cid) == item.req:
                 self.spawn(self._relocate, link, item.cid)
 
     async def _on_unknown(self, src: str, item: wire.Unknown) -> None:
@@ -175,7 +174,7 @@ class Cluster:
             for cid in item.cids:
                 member = link.members.get(cid)
                 if member is not None and member.confirmed and cid not in link.pending:
-                    link.restore(member, None, False)
+                    link.restore(member)
 
     async def _on_answer(self, src: str, item: wire.Answer) -> None:
         link = self.links.get(item.room_id)
@@ -268,7 +267,8 @@ class Cluster:
 
     def _keep_queued_requests(self, link: RoomLink, actor: RoomActor) -> None:
         """Our local peers' requests still queued for an actor we give up go to the new
-        owner with the rest (other instances' peers resend their own)."""
+        owner with the rest (other instances' peers resend their own). A queued Register
+        needs nothing: its member's restore carries it, and its connection's reply."""
         now = trio.current_time()
         for cmd in actor.take_queued():
             # (a request sent again from `awaiting` is still there: it goes with the rest)
@@ -321,7 +321,7 @@ class Cluster:
             return
         member = link.members.get(cid)
         if link.actor is None and member is not None and member.confirmed and cid not in link.pending:
-            link.restore(member, None, False)
+            link.restore(member)
         link.resend_requests(cid, since=seq)
 
     async def _tend_loop(self) -> None:

@@ -87,9 +87,10 @@ class OwnerSide:
             if rc not in actor.state.by_conn:
                 conns.pop(cid, None)
 
-        reply = RemoteReply(self.host, src, item, on_refused=refused)
+        reply = RemoteReply(rc, item.req, on_refused=refused)
         await to_actor(actor, Register(rc, item.peer_id, item.subject, item.role, item.metadata, item.token,
-                                       reply, bool(item.announce), bool(item.is_admin), item.welcome))
+                                       reply, announce=bool(item.announce), is_admin=bool(item.is_admin),
+                                       welcome=item.welcome, restored=bool(item.restored), answer=reply))
 
     async def on_part(self, src: str, item: wire.Part) -> None:
         rc = self.remote.get((item.room_id, src), {}).pop(item.cid, None)

@@ -37,6 +37,7 @@ class Join:
     announce: bool  # False: a restore after a move (the peer gets no second registered_auth)
     is_admin: bool = False
     welcome: dict[str, Any] | None = None
+    restored: bool = False  # the peer was in the room before it moved (see Register)
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,13 +96,15 @@ class Close:
 
 @dataclass(frozen=True, slots=True)
 class Joined:
-    """The answer to `Join` number `req`: the peer id now bound, or None (refused; the
-    room sent the error frame itself)."""
+    """The answer to `Join` number `req`: the peer id now bound, or None (refused), and
+    everything the room said to `cid` while registering it (registered_auth, or the
+    error): its home gives these to the peer only if it still waits for this `req`."""
 
     room_id: str
     cid: int
     req: int
     peer_id: str | None
+    texts: list[str] | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -102,12 +102,16 @@ class RoomState:
         announce: bool = True,
         is_admin: bool = False,
         welcome: dict[str, Any] | None = None,
+        restored: bool = False,
     ) -> Effects:
         """A connection whose credential the caller has already checked; `subject` is who
         it says the peer is (a peer id in use by another subject is refused).
 
         `announce=False` restores a peer that was already told it is registered (its room
         moved to another instance, see docs/SCALING.md): no second `registered_auth`.
+        A restored peer (`announce=False`, or `restored`: it was in the room before the
+        move and its re-register crossed it) takes back what the room's handover holds
+        for it; a fresh registration of the same peer id does not.
         `welcome` (sleap-rtc registrations) makes `registered_auth` carry the room's admin
         and other workers besides it; `is_admin` claims the admin role if it is free
         (a peer already in the room that claims it in vain also gets `admin_conflict`)."""
@@ -130,7 +134,7 @@ class RoomState:
             if conflict and not joined:
                 fx.send(conn, {"type": "admin_conflict", "current_admin": self.admin})
         self._notify(peer, fx, "joined" if joined else "changed")
-        if not announce and self.pending is not None:
+        if (restored or not announce) and self.pending is not None:
             self._restore_handover(peer, now, fx)
         return fx
 
