@@ -20,7 +20,9 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
+from collections import Counter
 from typing import Any
 
 from cluster import redis_server, instance, new_rooms, relay
@@ -29,10 +31,20 @@ from run import HERE, ensure_node_modules
 PAIRS, INFLIGHT = 50, 4
 
 
+def rooms_per_owner(redis_url: str) -> list[int]:
+    """How many rooms each process owns (their leases), most first."""
+    cli = ["redis-cli", "-u", redis_url]
+    keys = subprocess.run(cli + ["--scan", "--pattern", "signaling:lease:*"], capture_output=True, text=True,
+                          check=True).stdout.split()
+    owners = subprocess.run(cli + ["mget", *keys], capture_output=True, text=True, check=True).stdout.split()
+    return sorted(Counter(owners).values(), reverse=True) if keys else []
+
+
 def one(n: int, duration: float, pairs: int) -> dict[str, Any]:
     with redis_server() as r, instance(r["url"], workers=n) as w:
         token, rooms = new_rooms(w["http"], pairs)  # one room per pair
         res = relay(w["ws_url"], w["ws_url"], token, rooms, pairs, INFLIGHT, duration, [w["pid"]], r["pid"])
+        res["rooms_per_process"] = rooms_per_owner(r["url"])
     delivered = res["msgs_per_s"]
     res["server_cpu_us_per_msg"] = 1e6 * res["server_cpu_pct"] / 100 / max(delivered, 1e-9)
     res["redis_cpu_us_per_msg"] = 1e6 * res["redis_cpu_pct"] / 100 / max(delivered, 1e-9)
@@ -54,8 +66,9 @@ def main() -> int:
         per.append({"w1": w1, "w2": w2, "throughput": w2["msgs_per_s"] / w1["msgs_per_s"],
                     "rtt": w2["rtt_p50_ms"] / w1["rtt_p50_ms"],
                     "cpu": w2["server_cpu_us_per_msg"] / w1["server_cpu_us_per_msg"]})
-        print(json.dumps({k: v if not isinstance(v, dict) else {x: round(y, 2) for x, y in v.items()
-                                                                 if isinstance(y, (int, float))}
+        print(json.dumps({k: v if not isinstance(v, dict) else {x: round(y, 2) if isinstance(y, float) else y
+                                                                 for x, y in v.items()
+                                                                 if isinstance(y, (int, float, list))}
                           for k, v in per[-1].items()}), flush=True)
 
     def med(key: str, side: str | None = None) -> float:
@@ -64,6 +77,7 @@ def main() -> int:
     def each(key: str) -> str:
         return ", ".join(f"{r[key]:.2f}" for r in per)
 
+    splits = "; ".join("/".join(map(str, r["w2"]["rooms_per_process"])) for r in per)
     lines = [
         f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; "
         f"{pairs} rooms of 2 peers, {INFLIGHT} in flight, {dur:g} s per run, {rounds} rounds",
@@ -80,6 +94,7 @@ def main() -> int:
         f"| Redis CPU per msg, us | {med('redis_cpu_us_per_msg', 'w1'):.1f} | "
         f"{med('redis_cpu_us_per_msg', 'w2'):.1f} | |",
         f"| load generator CPU % | {med('loadgen_cpu_pct', 'w1'):.0f} | {med('loadgen_cpu_pct', 'w2'):.0f} | |",
+        f"| rooms per process (every round) | | {splits} | |",
     ]
     table = "\n".join(lines)
     print("\n" + table)
