@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import array
 import base64
+import contextlib
 import logging
 import os
 import socket
@@ -87,6 +88,15 @@ class Hub:
 
     def is_sibling(self, instance: str) -> bool:
         return instance != self.instance and os.path.exists(self.path(instance))
+
+    def instances(self) -> list[str]:
+        """Every process listening in the directory, this one included, sorted."""
+        try:
+            names = os.listdir(self.directory)
+        except OSError:
+            names = []
+        found = {name[:-5] for name in names if name.endswith(".sock")}
+        return sorted(found | {self.instance})
 
     # ------------------------------------------------------------ receiving
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -172,6 +182,9 @@ class Hub:
                     await sock.connect(self.path(instance))
             except (OSError, trio.TooSlowError) as exc:
                 event(logging.WARNING, "handoff failed", side="connect", to=instance, error=type(exc).__name__)
+                if isinstance(exc, ConnectionRefusedError):  # nobody listens: a process that died
+                    with contextlib.suppress(OSError):
+                        os.unlink(self.path(instance))  # (no longer offered new rooms)
                 return None
             try:
                 with trio.fail_after(GIVE_TIMEOUT):

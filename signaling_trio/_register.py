@@ -83,6 +83,13 @@ class Admission:
     sleap_rtc: bool  # today's sleap-rtc dialect: extended registered_auth, JSON pings
 
 
+class Machine(Protocol):
+    """This process's siblings on one machine (--workers: `_handoff.Hub`)."""
+
+    def is_sibling(self, instance: str) -> bool: ...  # another process here we can hand to?
+    def instances(self) -> list[str]: ...  # every process here, this one included
+
+
 @dataclass(frozen=True, slots=True)
 class MoveTo:
     """Admitted, and the room lives in a sibling process on this machine: the connection
@@ -94,13 +101,13 @@ class MoveTo:
 
 class Registrar:
     def __init__(self, verifier: Verifier, store: Store, router: RoomRouter, accounts: Accounts,
-                 ice: IceConfig, sibling: Callable[[str], bool] | None = None) -> None:
+                 ice: IceConfig, machine: Machine | None = None) -> None:
         self.verifier = verifier
         self.store = store
         self.router = router
         self.accounts = accounts
         self.ice = ice
-        self.sibling = sibling  # is this instance a process on this machine we can hand to?
+        self.machine = machine
         # one entry per credential kind (protocol/registration.CREDENTIALS)
         self.admits: dict[type, Callable[[Registrant, RegisterRequest, Any], Awaitable[Admission]]] = {
             RoomTokenCredential: self._room_token,
@@ -112,13 +119,15 @@ class Registrar:
                        movable: bool = False) -> Registration | MoveTo | None:
         """The peer's registration, or None when the room refused it (and told the peer
         why), or MoveTo when a sibling process owns the room and the connection may move
-        (`movable`: its first registration). ProtocolError for anything refused before
-        the room."""
+        (`movable`: its first registration; a new room goes to this machine's processes in
+        turn). ProtocolError for anything refused before the room."""
         admission = await self.admits[type(req.credential)](conn, req, req.credential)
-        if movable and self.sibling is not None and conn.registration is None:
-            await self._stored(self.router.open, admission.room_id)  # (who owns it: a lease look-up)
+        machine = self.machine
+        if movable and machine is not None and conn.registration is None:
+            # who owns it (a lease look-up), or who will
+            await self._stored(self.router.open, admission.room_id, machine.instances())
             owner = self.router.owner_elsewhere(admission.room_id)
-            if owner is not None and self.sibling(owner):
+            if owner is not None and machine.is_sibling(owner):
                 return MoveTo(owner, admission)
         return await self.enter(conn, req, admission)
 

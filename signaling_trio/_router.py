@@ -12,7 +12,7 @@ Never touches: a room's state (the actors own it), sockets, the store.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, Sequence
 
 import trio
 
@@ -47,7 +47,9 @@ class RoomRouter(Protocol):
     supervisor: RoomSupervisor  # this process's live rooms
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None: ...
-    async def open(self, room_id: str) -> RoomHandle: ...  # StoreUnavailable: cannot tell where it lives
+    # StoreUnavailable: cannot tell where it lives. `candidates` (--workers: this machine's
+    # processes, this one included): a room nobody owns yet goes to one of them in turn
+    async def open(self, room_id: str, candidates: Sequence[str] = ()) -> RoomHandle: ...
     async def call(self, room_id: str, op: str, *args: Any, timeout: float = 5.0) -> Any: ...
     async def find_room(self, peer_id: str) -> str | None: ...
     def note_peer(self, peer_id: str, room_id: str) -> None: ...
@@ -66,8 +68,8 @@ class LocalRouter:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         await self.supervisor.run(task_status=task_status)
 
-    async def open(self, room_id: str) -> RoomActor:
-        return self.supervisor.room(room_id)
+    async def open(self, room_id: str, candidates: Sequence[str] = ()) -> RoomActor:
+        return self.supervisor.room(room_id)  # (one process: every room lives here)
 
     async def call(self, room_id: str, op: str, *args: Any, timeout: float = 5.0) -> Any:
         """Run the CALLS operation `op` in the room's actor; None when the room has no

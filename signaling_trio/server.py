@@ -285,7 +285,7 @@ class SignalingServer:
         assert isinstance(self.router, Cluster)
         hub = self.hub = Hub(self.settings.handoff_dir, self.router.id, root.start_soon)
         hub.ctx = ctx = dataclasses.replace(ctx, mover=hub.move)
-        ctx.registrar.sibling = hub.is_sibling
+        ctx.registrar.machine = hub
         await root.start(hub.run)
         return ctx
 

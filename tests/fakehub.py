@@ -68,6 +68,14 @@ class FakeTransport:
             return instance
         return owner
 
+    async def place(self, room_id: str, instance: str, lease_ms: int) -> tuple[str, bool]:
+        await self._reach()
+        owner = self.hub.owner(room_id)
+        if owner is not None:
+            return owner, False
+        self.hub.leases[room_id] = (instance, trio.current_time() + lease_ms / 1000)
+        return instance, True
+
     async def owner(self, room_id: str) -> str | None:
         await self._reach()
         return self.hub.owner(room_id)

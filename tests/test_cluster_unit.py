@@ -334,3 +334,21 @@ async def test_a_register_given_up_on_is_not_answered_later(pair, hub):
     await trio.sleep(1)
     assert [f["type"] for f in c.frames].count("registered_auth") == 0
     assert link.members[c.id].confirmed  # in the room from before, still
+
+
+async def test_new_rooms_are_dealt_in_turn_and_an_owned_room_keeps_its_owner(pair, hub):
+    a, b = pair
+    ids = sorted([a.cluster.id, b.cluster.id])
+    await b.cluster.open("owned")
+    for room in ["owned", "n1", "n2", "n3", "n4"]:
+        await a.cluster.open(room, ids)
+    # a keeps its first new room, then takes turns; the owned room took no turn
+    assert [hub.owner(r) for r in ["owned", "n1", "n2", "n3", "n4"]] == [b.cluster.id, a.cluster.id,
+                                                                       b.cluster.id, a.cluster.id, b.cluster.id]
+    # a process that joins the machine starts level with the others, not behind them;
+    # ties go round the ring from a (so that each instance's turns start elsewhere)
+    ring = sorted(ids + ["f" * 16])
+    for room in ["m1", "m2", "m3"]:
+        await a.cluster.open(room, ring)
+    me = ring.index(a.cluster.id)
+    assert [hub.owner(r) for r in ["m1", "m2", "m3"]] == [ring[(me + k) % 3] for k in range(3)]

@@ -207,3 +207,50 @@ async def test_a_sibling_that_gives_it_back_leaves_it_here(redis, tmp_path):
             assert (await peer.request({"type": "discover_peers"}))["type"] == "peer_list"
         nursery.cancel_scope.cancel()
     listener.close()
+
+
+async def test_new_rooms_are_dealt_out_among_the_processes(redis, tmp_path):
+    """Eight new rooms whose first peer dials A: A keeps one, gives B the next, and so
+    on (counted as it picks, so first registrations in flight together spread too);
+    each room's second peer, dialling B, ends up in the room's process."""
+    async with open_test_server(store=redis.url, handoff_dir=str(tmp_path)) as a, \
+            open_test_server(store=redis.url, handoff_dir=str(tmp_path)) as b, AsyncExitStack() as stack:
+        rooms = [await a.new_room() for _ in range(8)]
+        firsts = [await stack.enter_async_context(ws_peer(a.ws_url)) for _ in rooms]
+        answers: list[dict[str, Any]] = []
+
+        async def first(i: int) -> None:
+            answers.append(await register(firsts[i], rooms[i], f"w{i}", role="worker"))
+
+        async with trio.open_nursery() as nursery:
+            for i in range(len(rooms)):
+                nursery.start_soon(first, i)
+        assert [m["type"] for m in answers] == ["registered_auth"] * 8
+        owned = {name: set(s.server.router.supervisor.rooms) for name, s in (("a", a), ("b", b))}
+        assert len(owned["a"]) == len(owned["b"]) == 4 and not owned["a"] & owned["b"]
+        assert (a.server.hub.given, b.server.hub.taken) == (4, 4)
+        sent_before = cluster_sent(a) + cluster_sent(b)
+        for i, room in enumerate(rooms):
+            second = await stack.enter_async_context(ws_peer(b.ws_url))
+            assert (await register(second, room, f"c{i}", role="client"))["type"] == "registered_auth"
+            await second.send({"type": "peer_message", "to_peer_id": f"w{i}", "payload": i})
+            assert (await firsts[i].recv_type("peer_message"))["payload"] == i
+        assert b.server.hub.given == 4  # the seconds of A's rooms moved there
+        assert cluster_sent(a) + cluster_sent(b) == sent_before  # nothing went through Redis
+
+
+async def test_a_sibling_that_died_is_offered_no_more_rooms(tmp_path):
+    """Its socket file stays (SIGKILL unlinks nothing); the first hand-off it refuses
+    removes it, so new rooms are no longer dealt to it."""
+    import socket as socketlib
+
+    from signaling_trio._handoff import Hub
+
+    dead = socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_STREAM)
+    dead.bind(str(tmp_path / "dead.sock"))
+    dead.close()  # bound, never listening: what a killed process leaves
+    hub = Hub(str(tmp_path), "me", lambda *a: None)
+    assert hub.instances() == ["dead", "me"] and hub.is_sibling("dead")
+    with open(os.devnull) as f:
+        assert await hub._give("dead", f.fileno(), b"{}") is None  # not taken: served here
+    assert hub.instances() == ["me"] and not hub.is_sibling("dead")

@@ -24,7 +24,7 @@ from __future__ import annotations
 import itertools
 import logging
 import secrets
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Sequence
 
 import trio
 
@@ -59,6 +59,7 @@ class Cluster:
         self.reqs = itertools.count(1)
         self.batches = itertools.count(1)  # numbers every batch this instance publishes
         self.last_batch: dict[str, int] = {}  # the newest batch number taken from each instance
+        self.placed: dict[str, int] = {}  # --workers: new rooms this instance gave each candidate
         self.links: dict[str, RoomLink] = {}  # rooms with local connections, or owned here
         self.outlinks: dict[str, Outlink] = {}
         self.calls: dict[int, trio.MemorySendChannel[Any]] = {}
@@ -224,13 +225,14 @@ class Cluster:
             link = self.links[room_id] = RoomLink(self, room_id)
         return link
 
-    async def open(self, room_id: str) -> RoomLink:
+    async def open(self, room_id: str, candidates: Sequence[str] = ()) -> RoomLink:
         """The way into a room for a local connection that registers (StoreUnavailable
-        when Redis cannot say who owns it)."""
+        when Redis cannot say who owns it). A room nobody owns is taken here, or, given
+        `candidates`, by the one this instance has given fewest new rooms."""
         link = self.links.get(room_id)
         if link is not None and (link.actor is not None or link.owner not in (None, self.id)):
             return link
-        owner = await self._lease(room_id)
+        owner = await (self._place(room_id, candidates) if len(candidates) > 1 else self._lease(room_id))
         link = self._link(room_id)  # (another connection may have made it meanwhile)
         if owner == self.id:
             if link.actor is None:
@@ -238,6 +240,29 @@ class Cluster:
         elif link.owner != owner or link.actor is not None:
             self._adopt(link, owner)
         return link
+
+    async def _place(self, room_id: str, candidates: Sequence[str]) -> str:
+        """Deal new rooms out among `candidates` (sorted; this instance among them) in
+        turn: to the one given fewest, ties going round the ring from this instance (its
+        own first: no move; then the next one, so that every instance's turns start in a
+        different place). Counted at the pick, so that concurrent first registrations
+        spread too, and given back if the room had an owner. A candidate new to the list
+        starts level with the least used."""
+        placed = self.placed
+        level = min((placed[c] for c in candidates if c in placed), default=0)
+        for gone in [c for c in placed if c not in candidates]:
+            del placed[gone]
+        ring = {c: i for i, c in enumerate(candidates)}
+        me = ring.get(self.id, 0)
+        pick = min(candidates, key=lambda c: (placed.setdefault(c, level), (ring[c] - me) % len(ring)))
+        placed[pick] += 1
+        made = False
+        try:
+            owner, made = await self.transport.place(room_id, pick, LEASE_MS)
+        finally:
+            if not made and pick in placed:
+                placed[pick] -= 1
+        return owner
 
     def _adopt(self, link: RoomLink, owner: str) -> None:
         """Point the link at the room's (new) owner and move its members there."""

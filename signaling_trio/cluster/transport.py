@@ -34,6 +34,14 @@ end
 if v == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
 return v
 """
+# A new room's first owner, chosen by the caller (--workers: rooms dealt out in turn
+# among one machine's processes); an owned room keeps its owner (its lease untouched).
+PLACE = """
+local v = redis.call('GET', KEYS[1])
+if v then return {v, 0} end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return {ARGV[1], 1}
+"""
 RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
@@ -68,6 +76,7 @@ class Transport(Protocol):
     when it cannot do its job within TIMEOUT."""
 
     async def acquire(self, room_id: str, instance: str, lease_ms: int) -> str: ...
+    async def place(self, room_id: str, instance: str, lease_ms: int) -> tuple[str, bool]: ...
     async def owner(self, room_id: str) -> str | None: ...
     async def release(self, room_id: str, instance: str) -> None: ...
     async def publish(self, instance: str, payload: bytes) -> int: ...
@@ -84,6 +93,7 @@ class RedisTransport:
     def __init__(self, redis: Any) -> None:
         self.redis = redis
         self._acquire = redis.register_script(ACQUIRE)
+        self._place = redis.register_script(PLACE)
         self._release = redis.register_script(RELEASE)
 
     async def _call(self, what: str, fn: Any) -> Any:
@@ -94,6 +104,13 @@ class RedisTransport:
         owner = await self._call(f"room lease for {room_id}",
                                  lambda: self._acquire(keys=[lease_key(room_id)], args=[instance, lease_ms]))
         return owner.decode() if isinstance(owner, bytes) else str(owner)
+
+    async def place(self, room_id: str, instance: str, lease_ms: int) -> tuple[str, bool]:
+        """Who owns the room now, and whether the lease was just made for `instance`
+        (nobody had it)."""
+        owner, made = await self._call(f"room lease for {room_id}",
+                                       lambda: self._place(keys=[lease_key(room_id)], args=[instance, lease_ms]))
+        return (owner.decode() if isinstance(owner, bytes) else str(owner)), bool(made)
 
     async def owner(self, room_id: str) -> str | None:
         value = await self._call("room lease", lambda: self.redis.get(lease_key(room_id)))
