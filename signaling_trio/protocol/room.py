@@ -109,9 +109,8 @@ class RoomState:
 
         `announce=False` restores a peer that was already told it is registered (its room
         moved to another instance, see docs/SCALING.md): no second `registered_auth`.
-        A restored peer (`announce=False`, or `restored`: it was in the room before the
-        move and its re-register crossed it) takes back what the room's handover holds
-        for it; a fresh registration of the same peer id does not.
+        A restored peer (`announce=False`, or `restored`: a re-register that crossed the
+        move) takes back what the handover holds for it; a fresh registration does not.
         `welcome` (sleap-rtc registrations) makes `registered_auth` carry the room's admin
         and other workers besides it; `is_admin` claims the admin role if it is free
         (a peer already in the room that claims it in vain also gets `admin_conflict`)."""
