@@ -68,6 +68,20 @@ class FakeTransport:
             return instance
         return owner
 
+    async def renew(self, room_ids: list[str], instance: str, lease_ms: int) -> list[str]:
+        self.hub.lease_calls += 1
+        if self.hub.lease_gate is not None:
+            await self.hub.lease_gate.wait()
+        await self._reach()
+        owners = []
+        for room_id in room_ids:
+            owner = self.hub.owner(room_id)
+            if owner is None or owner == instance:
+                self.hub.leases[room_id] = (instance, trio.current_time() + lease_ms / 1000)
+                owner = instance
+            owners.append(owner)
+        return owners
+
     async def place(self, room_id: str, instance: str, lease_ms: int) -> tuple[str, bool]:
         await self._reach()
         owner = self.hub.owner(room_id)
@@ -79,6 +93,10 @@ class FakeTransport:
     async def owner(self, room_id: str) -> str | None:
         await self._reach()
         return self.hub.owner(room_id)
+
+    async def owners(self, room_ids: list[str]) -> list[str | None]:
+        await self._reach()
+        return [self.hub.owner(room_id) for room_id in room_ids]
 
     async def release(self, room_id: str, instance: str) -> None:
         await self._reach()

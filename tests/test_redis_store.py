@@ -76,3 +76,22 @@ async def test_unreachable_redis_at_start_fails_clearly():
     with pytest.raises(ConfigError, match="cannot be reached"):
         async with open_test_server(store=f"redis://127.0.0.1:{free_port()}/0"):
             pass
+
+
+async def test_leases_renewed_and_looked_up_many_to_a_round_trip(redis):
+    """The cluster's batched lease calls on a real redis-server: each room's step is the
+    one-room script's (take a free lease, renew ours, leave another's alone)."""
+    from signaling_trio.cluster.transport import RedisTransport
+    from signaling_trio.store.redis import RedisStore
+
+    async with RedisStore(redis.url) as store:
+        t = RedisTransport(store.client)
+        assert await t.acquire("theirs", "other", 60_000) == "other"
+        assert await t.acquire("ours", "me", 300) == "me"
+        rooms = ["free", "ours", "theirs"] + [f"r{i}" for i in range(600)]
+        assert await t.renew(rooms, "me", 60_000) == ["me", "me", "other"] + ["me"] * 600
+        await trio.sleep(0.5)  # past the first lease of "ours": it was renewed
+        assert await t.owners(["ours", "free", "theirs", "nobody's"]) == ["me", "me", "other", None]
+        assert await t.renew([], "me", 60_000) == [] and await t.owners([]) == []
+        assert await t.place("theirs", "me", 60_000) == ("other", False)
+        assert await t.place("new", "other", 60_000) == ("other", True)

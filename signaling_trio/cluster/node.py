@@ -45,6 +45,7 @@ from .upkeep import Upkeep
 LEASE_MS = 2500  # a lease lives this long unless renewed
 RENEW = 1.0  # owners renew their leases this often
 RENEW_RETRY = 0.2  # and this often while Redis does not answer
+RENEW_BATCH = 500  # leases renewed (or owners looked up) per Redis round trip
 HEARTBEAT = 1.0  # instances tell owners who is in their rooms this often
 TAKEOVER_AFTER = 0.9  # a lease seen missing on two heartbeats in a row is taken
 OUTLINK_IDLE = 60.0  # a publisher task with nothing to send for this long ends
@@ -363,6 +364,9 @@ class Cluster:
             await self.owner_side.forget_silent(now)
 
     async def _tend_links(self, now: float) -> None:
+        """The rooms our connections are in and another instance owns: their owners,
+        looked up RENEW_BATCH to a Redis round trip."""
+        remote = []
         for room_id, link in list(self.links.items()):
             if link.actor is not None:
                 continue
@@ -371,40 +375,53 @@ class Cluster:
                 if self.links.get(room_id) is link:
                     del self.links[room_id]
                 continue
+            remote.append(link)
+        for start in range(0, len(remote), RENEW_BATCH):
+            batch = remote[start:start + RENEW_BATCH]
             try:
-                owner = await self.transport.owner(room_id)
+                owners = await self.transport.owners([link.room_id for link in batch])
             except StoreUnavailable:
                 for other in self.links.values():  # a lease counts as missing only while Redis is here
                     other.missing_since = None
                 return  # Redis is away: try again next round
-            if self.links.get(room_id) is not link or link.actor is not None:
-                continue
-            if owner is None:
-                if link.missing_since is None:
-                    link.missing_since = now
-                if now - link.missing_since >= TAKEOVER_AFTER:
-                    await self._relocate(link)
-            elif owner != link.owner:
-                self._adopt(link, owner)
-            else:
-                link.missing_since = None
-                self.outlink(owner).put(wire.Present(room_id, list(link.members)))
+            for link, owner in zip(batch, owners):
+                await self._tend_link(link, owner, now)
+
+    async def _tend_link(self, link: RoomLink, owner: str | None, now: float) -> None:
+        if self.links.get(link.room_id) is not link or link.actor is not None:
+            return
+        if owner is None:
+            if link.missing_since is None:
+                link.missing_since = now
+            if now - link.missing_since >= TAKEOVER_AFTER:
+                await self._relocate(link)
+        elif owner != link.owner:
+            self._adopt(link, owner)
+        else:
+            link.missing_since = None
+            self.outlink(owner).put(wire.Present(link.room_id, list(link.members)))
 
     async def _renew_loop(self) -> None:
+        """Every RENEW s, renew the leases of the rooms that run here, RENEW_BATCH to a
+        Redis round trip (one each cost ~0.4 ms of CPU: 1,000 idle rooms kept 40 % of a
+        core busy)."""
         pause = RENEW
         while True:
             await trio.sleep(pause)
             pause = RENEW
-            for room_id in list(self.supervisor.rooms):
+            rooms = list(self.supervisor.rooms)
+            for start in range(0, len(rooms), RENEW_BATCH):
+                batch = rooms[start:start + RENEW_BATCH]
                 try:
-                    owner = await self._lease(room_id)
+                    owners = await self.transport.renew(batch, self.id, LEASE_MS)
                 except StoreUnavailable:
                     # keep serving, and try again soon: when Redis is back, the owner takes
                     # its leases again before any other instance may (TAKEOVER_AFTER)
                     pause = RENEW_RETRY
                     break
-                if owner != self.id and room_id in self.supervisor.rooms:
-                    self._adopt(self._link(room_id), owner)
+                for room_id, owner in zip(batch, owners):
+                    if owner != self.id and room_id in self.supervisor.rooms:
+                        self._adopt(self._link(room_id), owner)
 
     # ------------------------------------------------------ the router
     async def call(self, room_id: str, op: str, *args: Any, timeout: float = 5.0) -> Any:

@@ -77,7 +77,9 @@ class Transport(Protocol):
 
     async def acquire(self, room_id: str, instance: str, lease_ms: int) -> str: ...
     async def place(self, room_id: str, instance: str, lease_ms: int) -> tuple[str, bool]: ...
+    async def renew(self, room_ids: list[str], instance: str, lease_ms: int) -> list[str]: ...
     async def owner(self, room_id: str) -> str | None: ...
+    async def owners(self, room_ids: list[str]) -> list[str | None]: ...
     async def release(self, room_id: str, instance: str) -> None: ...
     async def publish(self, instance: str, payload: bytes) -> int: ...
     def subscribe(self, instance: str) -> Any: ...  # async context manager: async iterator of payloads
@@ -105,6 +107,19 @@ class RedisTransport:
                                  lambda: self._acquire(keys=[lease_key(room_id)], args=[instance, lease_ms]))
         return owner.decode() if isinstance(owner, bytes) else str(owner)
 
+    async def renew(self, room_ids: list[str], instance: str, lease_ms: int) -> list[str]:
+        """`acquire` for many rooms in one round trip (a pipeline, not a transaction:
+        each room's step is atomic on its own, and the keys may live on different
+        Redis Cluster slots): each room's owner now, in order."""
+        async def run() -> tuple[Any, ...]:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for room_id in room_ids:
+                    self._acquire(keys=[lease_key(room_id)], args=[instance, lease_ms], client=pipe)
+            return pipe.results or ()
+
+        owners = await self._call(f"room leases ({len(room_ids)})", run)
+        return [o.decode() if isinstance(o, bytes) else str(o) for o in owners]
+
     async def place(self, room_id: str, instance: str, lease_ms: int) -> tuple[str, bool]:
         """Who owns the room now, and whether the lease was just made for `instance`
         (nobody had it)."""
@@ -115,6 +130,18 @@ class RedisTransport:
     async def owner(self, room_id: str) -> str | None:
         value = await self._call("room lease", lambda: self.redis.get(lease_key(room_id)))
         return None if value is None else str(value)
+
+    async def owners(self, room_ids: list[str]) -> list[str | None]:
+        """`owner` for many rooms in one round trip (a pipeline of GETs: an MGET would
+        span Redis Cluster slots)."""
+        async def run() -> tuple[Any, ...]:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for room_id in room_ids:
+                    pipe.get(lease_key(room_id))
+            return pipe.results or ()
+
+        values = await self._call(f"room leases ({len(room_ids)})", run)
+        return [None if v is None else str(v) for v in values]
 
     async def release(self, room_id: str, instance: str) -> None:
         await self._call("room lease", lambda: self._release(keys=[lease_key(room_id)], args=[instance]))
