@@ -3,6 +3,7 @@ rot. Figures are not asserted: speed is measured in benchmarks/, never in tests.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -59,6 +60,12 @@ async def test_workers_benchmark_runs(tmp_path):
     await quick_run("workers.py", tmp_path, ("node", "npm", "redis-server"))
     table = (tmp_path / "workers.md").read_text()
     assert "delivered msgs/s" in table and "server CPU per msg" in table
+
+
+async def test_idle_rooms_benchmark_runs(tmp_path):
+    await quick_run("idle_rooms.py", tmp_path, ("redis-server",))
+    now = json.loads((tmp_path / "idle_rooms.json").read_text())["now"]
+    assert now["rooms"] == 20 and {"owner_cpu_pct", "other_cpu_pct", "redis_cpu_pct"} <= set(now)
 
 
 async def test_cluster_benchmark_runs(tmp_path):
