@@ -7,7 +7,8 @@ look-ups and heartbeats, which grow with rooms, not messages.
 Scenario: two instances on one fresh redis-server; N rooms, one idle peer in each on
 instance A (the rooms' owner), then one more on instance B (its connections' rooms live
 elsewhere). After 3 s of quiet, the CPU of A, B and Redis over `--seconds`, as % of a
-core. `--before DIR` runs the same with the server of another checkout of this
+core; and A's CPU per peer while its peers connected and registered (each a new room:
+its lease, its peer note), in waves of 100. `--before DIR` runs the same with the server of another checkout of this
 repository, right after (one run each; the figures are steady within a few tenths).
 """
 
@@ -56,9 +57,12 @@ def measure(rooms_n: int, seconds: float, root: str) -> dict[str, Any]:
             on_b: list[int] = []
             hold = trio.Event()
             async with trio.open_nursery() as nursery:
+                c0 = cpu_seconds(a["pid"])
                 nursery.start_soon(_peers, a["ws_url"], token, rooms, "a", on_a, hold)
                 while len(on_a) < rooms_n:
                     await trio.sleep(0.1)
+                await trio.sleep(0.5)  # (what the registers queued: leases, peer notes)
+                out["owner_connect_ms_per_peer"] = round(1000 * (cpu_seconds(a["pid"]) - c0) / rooms_n, 3)
                 nursery.start_soon(_peers, b["ws_url"], token, rooms, "b", on_b, hold)
                 while len(on_b) < rooms_n:
                     await trio.sleep(0.1)
