@@ -4,7 +4,8 @@
 Redis store. Inside: `wire` (the items instances send each other), `transport` (every
 Redis key, script and call), `link` (a room as this instance reaches it), `owner` (a
 room's owner serving other instances' connections), `outlink` (ordered, batched
-publishing), `saver` (a room's handover state), `upkeep` (peer notes and shared counts).
+publishing), `saver` (a room's handover state), `upkeep` (peer notes and shared counts),
+`dealer` (--workers: which process of the machine gets a new room).
 docs/SCALING.md describes the design and every failure case.
 """
 

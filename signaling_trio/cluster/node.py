@@ -35,6 +35,7 @@ from .._router import Series
 from ..protocol.messages import ANSWERED_TYPES
 from ..store import StoreUnavailable
 from . import wire
+from .dealer import Dealer
 from .link import RemoteConn, RoomLink
 from .outlink import Outlink
 from .owner import OwnerSide
@@ -60,7 +61,7 @@ class Cluster:
         self.reqs = itertools.count(1)
         self.batches = itertools.count(1)  # numbers every batch this instance publishes
         self.last_batch: dict[str, int] = {}  # the newest batch number taken from each instance
-        self.placed: dict[str, int] = {}  # --workers: new rooms this instance gave each candidate
+        self.dealer = Dealer(self.id)  # --workers: which of the machine's processes gets a new room
         self.links: dict[str, RoomLink] = {}  # rooms with local connections, or owned here
         self.outlinks: dict[str, Outlink] = {}
         self.calls: dict[int, trio.MemorySendChannel[Any]] = {}
@@ -243,26 +244,14 @@ class Cluster:
         return link
 
     async def _place(self, room_id: str, candidates: Sequence[str]) -> str:
-        """Deal new rooms out among `candidates` (sorted; this instance among them) in
-        turn: to the one given fewest, ties going round the ring from this instance (its
-        own first: no move; then the next one, so that every instance's turns start in a
-        different place). Counted at the pick, so that concurrent first registrations
-        spread too, and given back if the room had an owner. A candidate new to the list
-        starts level with the least used."""
-        placed = self.placed
-        level = min((placed[c] for c in candidates if c in placed), default=0)
-        for gone in [c for c in placed if c not in candidates]:
-            del placed[gone]
-        ring = {c: i for i, c in enumerate(candidates)}
-        me = ring.get(self.id, 0)
-        pick = min(candidates, key=lambda c: (placed.setdefault(c, level), (ring[c] - me) % len(ring)))
-        placed[pick] += 1
+        """Who owns the room, a new one given to the next of `candidates` (`Dealer`)."""
+        pick = self.dealer.pick(candidates)
         made = False
         try:
             owner, made = await self.transport.place(room_id, pick, LEASE_MS)
         finally:
-            if not made and pick in placed:
-                placed[pick] -= 1
+            if not made:
+                self.dealer.give_back(pick)
         return owner
 
     def _adopt(self, link: RoomLink, owner: str) -> None:
