@@ -3,6 +3,7 @@
     python benchmarks/workers.py                 # 3 rounds of 5 s each, table to stdout
     python benchmarks/workers.py --rounds 5
     python benchmarks/workers.py --quick         # a smoke run (the test suite runs this)
+    python benchmarks/workers.py --against DIR --rounds 6  # --workers 2 here against another checkout
 
 Scenario (issue 16): 50 rooms of 2 peers, 4 messages in flight per pair (a `peer_message`
 each way, echoed), every peer connecting to the one shared port (the kernel's
@@ -25,8 +26,9 @@ import sys
 from collections import Counter
 from typing import Any
 
+import cluster
 from cluster import redis_server, instance, new_rooms, relay
-from run import HERE, ensure_node_modules
+from run import HERE, ROOT, ensure_node_modules
 
 PAIRS, INFLIGHT = 50, 4
 
@@ -40,7 +42,8 @@ def rooms_per_owner(redis_url: str) -> list[int]:
     return sorted(Counter(owners).values(), reverse=True) if keys else []
 
 
-def one(n: int, duration: float, pairs: int) -> dict[str, Any]:
+def one(n: int, duration: float, pairs: int, root: str = ROOT) -> dict[str, Any]:
+    cluster.ROOT = root  # whose server runs
     with redis_server() as r, instance(r["url"], workers=n) as w:
         token, rooms = new_rooms(w["http"], pairs)  # one room per pair
         res = relay(w["ws_url"], w["ws_url"], token, rooms, pairs, INFLIGHT, duration, [w["pid"]], r["pid"])
@@ -51,15 +54,37 @@ def one(n: int, duration: float, pairs: int) -> dict[str, Any]:
     return res
 
 
+def against(other: str, rounds: int, dur: float, pairs: int) -> int:
+    """`--workers 2` of this checkout against `--workers 2` of another, interleaved (the
+    order alternates each round), per-round ratios of msgs/s."""
+    pairs_run: list[tuple[dict[str, Any], dict[str, Any]]] = []
+    for i in range(rounds):
+        if i % 2 == 0:
+            now, before = one(2, dur, pairs), one(2, dur, pairs, other)
+        else:
+            before, now = one(2, dur, pairs, other), one(2, dur, pairs)
+        pairs_run.append((now, before))
+        print(json.dumps({side: {"msgs_per_s": round(r["msgs_per_s"]), "rooms_per_process": r["rooms_per_process"]}
+                          for side, r in (("now", now), ("other", before))}), flush=True)
+    ratios = [n["msgs_per_s"] / b["msgs_per_s"] for n, b in pairs_run]
+    print(f"--workers 2, msgs/s: this checkout {statistics.median(n['msgs_per_s'] for n, _ in pairs_run):,.0f}, "
+          f"{other} {statistics.median(b['msgs_per_s'] for _, b in pairs_run):,.0f}; ratio "
+          f"{statistics.median(ratios):.2f} (rounds {', '.join(f'{r:.2f}' for r in ratios)})")
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
+    ap.add_argument("--against", metavar="DIR", help="another checkout: --workers 2 of both, interleaved")
     args = ap.parse_args()
     rounds, dur, pairs = (1, 0.5, 4) if args.quick else (args.rounds, args.seconds, PAIRS)
     ensure_node_modules()
+    if args.against:
+        return against(args.against, rounds, dur, pairs)
     per: list[dict[str, Any]] = []
     for _ in range(rounds):
         w1, w2 = one(1, dur, pairs), one(2, dur, pairs)
