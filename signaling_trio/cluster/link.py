@@ -204,8 +204,7 @@ class Confirm:
         self.link, self.cid, self.req = link, cid, req
 
     def begin(self) -> bool:
-        member = self.link.members.get(self.cid)
-        return member is not None and member.req == self.req
+        return self.link.attempt(self.cid, self.req) is not None
 
     def end(self) -> None:
         pass
@@ -389,12 +388,18 @@ class RoomLink:
                 del self.awaiting[cid]
 
     # ------------------------------------------------------------- restores
+    def attempt(self, cid: int, req: int) -> Member | None:
+        """`cid`'s member, if `req` is its newest attempt at registering (the only one
+        that may be handled and answered)."""
+        member = self.members.get(cid)
+        return member if member is not None and member.req == req else None
+
     def confirmed(self, cid: int, req: int, value: str | None) -> None:
         """Attempt `req` at registering `cid` was answered: the peer id bound, or None
         (refused; a restore into a room now full, say: not in the room). Only the
         member's newest attempt counts; its connection, if it waits, gets the answer."""
-        member = self.members.get(cid)
-        if member is None or member.req != req:
+        member = self.attempt(cid, req)
+        if member is None:
             return
         waiting, member.waiting = member.waiting, None
         if value is None:
@@ -416,8 +421,8 @@ class RoomLink:
             self.host.metrics.cluster_duplicates += 1
             return
         del self.pending[answer.cid]
-        member = self.members.get(answer.cid)
-        if member is not None and member.req == answer.req:
+        member = self.attempt(answer.cid, answer.req)
+        if member is not None:
             for text in answer.texts or ():
                 member.conn.deliver(text)
         self.confirmed(answer.cid, answer.req, answer.peer_id)

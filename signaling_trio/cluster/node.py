@@ -24,7 +24,7 @@ from __future__ import annotations
 import itertools
 import logging
 import secrets
-from typing import Any, Awaitable, Callable, Sequence
+from typing import Any, Awaitable, Callable, Iterator, Sequence
 
 import trio
 
@@ -50,6 +50,12 @@ RENEW_BATCH = 500  # leases renewed (or owners looked up) per Redis round trip
 HEARTBEAT = 1.0  # instances tell owners who is in their rooms this often
 TAKEOVER_AFTER = 0.9  # a lease seen missing on two heartbeats in a row is taken
 OUTLINK_IDLE = 60.0  # a publisher task with nothing to send for this long ends
+
+
+def _chunks(items: list[Any]) -> Iterator[list[Any]]:
+    """`items`, RENEW_BATCH at a time (one Redis round trip each)."""
+    for start in range(0, len(items), RENEW_BATCH):
+        yield items[start:start + RENEW_BATCH]
 
 
 class Cluster:
@@ -365,8 +371,7 @@ class Cluster:
                     del self.links[room_id]
                 continue
             remote.append(link)
-        for start in range(0, len(remote), RENEW_BATCH):
-            batch = remote[start:start + RENEW_BATCH]
+        for batch in _chunks(remote):
             try:
                 owners = await self.transport.owners([link.room_id for link in batch])
             except StoreUnavailable:
@@ -398,9 +403,7 @@ class Cluster:
         while True:
             await trio.sleep(pause)
             pause = RENEW
-            rooms = list(self.supervisor.rooms)
-            for start in range(0, len(rooms), RENEW_BATCH):
-                batch = rooms[start:start + RENEW_BATCH]
+            for batch in _chunks(list(self.supervisor.rooms)):
                 try:
                     owners = await self.transport.renew(batch, self.id, LEASE_MS)
                 except StoreUnavailable:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Protocol
+from typing import Any, AsyncIterator, Callable, Protocol
 
 import orjson
 from coredis.retry import NoRetryPolicy
@@ -46,6 +46,10 @@ RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def lease_key(room_id: str) -> str:
@@ -101,46 +105,50 @@ class RedisTransport:
     async def _call(self, what: str, fn: Any) -> Any:
         return await redis_call(fn, what, timeout=TIMEOUT)
 
+    async def _pipelined(self, what: str, fill: Callable[[Any], None]) -> tuple[Any, ...]:
+        """The commands `fill` queues on a pipeline, in one round trip (not a transaction:
+        each command is atomic on its own, and keys may live on different Redis Cluster
+        slots): their results, in order."""
+        async def run() -> tuple[Any, ...]:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                fill(pipe)
+            return pipe.results or ()
+
+        return await self._call(what, run)
+
     async def acquire(self, room_id: str, instance: str, lease_ms: int) -> str:
         """Who owns the room now, taking it for `instance` if nobody does."""
         owner = await self._call(f"room lease for {room_id}",
                                  lambda: self._acquire(keys=[lease_key(room_id)], args=[instance, lease_ms]))
-        return owner.decode() if isinstance(owner, bytes) else str(owner)
+        return _text(owner)
 
     async def renew(self, room_ids: list[str], instance: str, lease_ms: int) -> list[str]:
-        """`acquire` for many rooms in one round trip (a pipeline, not a transaction:
-        each room's step is atomic on its own, and the keys may live on different
-        Redis Cluster slots): each room's owner now, in order."""
-        async def run() -> tuple[Any, ...]:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for room_id in room_ids:
-                    self._acquire(keys=[lease_key(room_id)], args=[instance, lease_ms], client=pipe)
-            return pipe.results or ()
+        """`acquire` for many rooms in one round trip: each room's owner now, in order."""
+        def fill(pipe: Any) -> None:
+            for room_id in room_ids:
+                self._acquire(keys=[lease_key(room_id)], args=[instance, lease_ms], client=pipe)
 
-        owners = await self._call(f"room leases ({len(room_ids)})", run)
-        return [o.decode() if isinstance(o, bytes) else str(o) for o in owners]
+        return [_text(o) for o in await self._pipelined(f"room leases ({len(room_ids)})", fill)]
 
     async def place(self, room_id: str, instance: str, lease_ms: int) -> tuple[str, bool]:
         """Who owns the room now, and whether the lease was just made for `instance`
         (nobody had it)."""
         owner, made = await self._call(f"room lease for {room_id}",
                                        lambda: self._place(keys=[lease_key(room_id)], args=[instance, lease_ms]))
-        return (owner.decode() if isinstance(owner, bytes) else str(owner)), bool(made)
+        return _text(owner), bool(made)
 
     async def owner(self, room_id: str) -> str | None:
         value = await self._call("room lease", lambda: self.redis.get(lease_key(room_id)))
         return None if value is None else str(value)
 
     async def owners(self, room_ids: list[str]) -> list[str | None]:
-        """`owner` for many rooms in one round trip (a pipeline of GETs: an MGET would
-        span Redis Cluster slots)."""
-        async def run() -> tuple[Any, ...]:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for room_id in room_ids:
-                    pipe.get(lease_key(room_id))
-            return pipe.results or ()
+        """`owner` for many rooms in one round trip (GETs: an MGET would span Redis
+        Cluster slots)."""
+        def fill(pipe: Any) -> None:
+            for room_id in room_ids:
+                pipe.get(lease_key(room_id))
 
-        values = await self._call(f"room leases ({len(room_ids)})", run)
+        values = await self._pipelined(f"room leases ({len(room_ids)})", fill)
         return [None if v is None else str(v) for v in values]
 
     async def release(self, room_id: str, instance: str) -> None:
