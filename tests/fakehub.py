@@ -57,38 +57,32 @@ class FakeTransport:
         if self.hub.down:
             raise StoreUnavailable("fake redis cannot be reached")
 
-    async def acquire(self, room_id: str, instance: str, lease_ms: int) -> str:
+    async def _lease_call(self) -> None:
         self.hub.lease_calls += 1
         if self.hub.lease_gate is not None:
             await self.hub.lease_gate.wait()
         await self._reach()
+
+    def _take(self, room_id: str, instance: str, lease_ms: int, *, renew: bool = True) -> str:
+        """The lease script's step: a free lease is taken, ours renewed (`renew`)."""
         owner = self.hub.owner(room_id)
-        if owner is None or owner == instance:
+        if owner is None or (renew and owner == instance):
             self.hub.leases[room_id] = (instance, trio.current_time() + lease_ms / 1000)
             return instance
         return owner
 
+    async def acquire(self, room_id: str, instance: str, lease_ms: int) -> str:
+        await self._lease_call()
+        return self._take(room_id, instance, lease_ms)
+
     async def renew(self, room_ids: list[str], instance: str, lease_ms: int) -> list[str]:
-        self.hub.lease_calls += 1
-        if self.hub.lease_gate is not None:
-            await self.hub.lease_gate.wait()
-        await self._reach()
-        owners = []
-        for room_id in room_ids:
-            owner = self.hub.owner(room_id)
-            if owner is None or owner == instance:
-                self.hub.leases[room_id] = (instance, trio.current_time() + lease_ms / 1000)
-                owner = instance
-            owners.append(owner)
-        return owners
+        await self._lease_call()
+        return [self._take(room_id, instance, lease_ms) for room_id in room_ids]
 
     async def place(self, room_id: str, instance: str, lease_ms: int) -> tuple[str, bool]:
         await self._reach()
-        owner = self.hub.owner(room_id)
-        if owner is not None:
-            return owner, False
-        self.hub.leases[room_id] = (instance, trio.current_time() + lease_ms / 1000)
-        return instance, True
+        made = self.hub.owner(room_id) is None
+        return self._take(room_id, instance, lease_ms, renew=False), made
 
     async def owner(self, room_id: str) -> str | None:
         await self._reach()
