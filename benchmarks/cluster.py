@@ -53,7 +53,8 @@ def redis_server() -> Iterator[dict[str, Any]]:
 
 
 @contextmanager
-def instance(redis_url: str, workers: int = 1) -> Iterator[dict[str, Any]]:
+def instance(redis_url: str, workers: int = 1, root: str = ROOT) -> Iterator[dict[str, Any]]:
+    """`root`: the checkout whose server runs (another one for a before/after run)."""
     ws_port, http_port = free_port(), free_port()
     argv = [sys.executable, "-m", "signaling_trio", "serve", "--host", "127.0.0.1", "--ws-port", str(ws_port),
             "--http-port", str(http_port), "--store", redis_url, "--workers", str(workers),
@@ -61,7 +62,7 @@ def instance(redis_url: str, workers: int = 1) -> Iterator[dict[str, Any]]:
             "--http-rate-limit", "0",
             "--log-level", "warning"]
     log = open(os.path.join(RESULTS_LOGS, f"cluster-{ws_port}.log"), "w")
-    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=root)
     try:
         wait_port(ws_port, proc)
         wait_port(http_port, proc)

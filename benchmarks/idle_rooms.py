@@ -24,7 +24,6 @@ from typing import Any
 import trio
 from trio_websocket import open_websocket_url
 
-import cluster
 from cluster import instance, new_rooms, redis_server
 from run import HERE, ROOT, cpu_seconds
 
@@ -47,8 +46,7 @@ async def _peers(url: str, token: str, rooms: list[dict[str, str]], tag: str, re
 
 
 def measure(rooms_n: int, seconds: float, root: str, quiet: float = 3.0) -> dict[str, Any]:
-    cluster.ROOT = root  # whose server the instances run
-    with redis_server() as r, instance(r["url"]) as a, instance(r["url"]) as b:
+    with redis_server() as r, instance(r["url"], root=root) as a, instance(r["url"], root=root) as b:
         token, rooms = new_rooms(a["http"], rooms_n)
         out: dict[str, Any] = {"rooms": rooms_n}
 

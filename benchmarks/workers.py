@@ -26,7 +26,6 @@ import sys
 from collections import Counter
 from typing import Any
 
-import cluster
 from cluster import redis_server, instance, new_rooms, relay
 from run import HERE, ROOT, ensure_node_modules
 
@@ -43,8 +42,7 @@ def rooms_per_owner(redis_url: str) -> list[int]:
 
 
 def one(n: int, duration: float, pairs: int, root: str = ROOT) -> dict[str, Any]:
-    cluster.ROOT = root  # whose server runs
-    with redis_server() as r, instance(r["url"], workers=n) as w:
+    with redis_server() as r, instance(r["url"], workers=n, root=root) as w:
         token, rooms = new_rooms(w["http"], pairs)  # one room per pair
         res = relay(w["ws_url"], w["ws_url"], token, rooms, pairs, INFLIGHT, duration, [w["pid"]], r["pid"])
         res["rooms_per_process"] = rooms_per_owner(r["url"])
