@@ -20,6 +20,7 @@ from typing import Any, Callable, Protocol
 import trio
 
 from . import _log
+from . import _nowait as nowait
 from ._log import event
 from ._metrics import Metrics
 from .config import Settings
@@ -37,8 +38,8 @@ class PeerConnection(Protocol):
 
 
 class Reply(Protocol):
-    """Where an answer goes: a memory channel's send side, or a reply that crosses
-    instances. Never blocks."""
+    """Where an answer goes: a `_nowait.Answer` (or a memory channel's send side), or a
+    reply that crosses instances. Never blocks."""
 
     def send_nowait(self, value: Any) -> None: ...
 
@@ -300,13 +301,13 @@ class RoomSupervisor:
         actor = self.rooms.get(room_id)
         if actor is None:
             return None
-        send, receive = trio.open_memory_channel[Any](1)
+        answer = nowait.Answer[Any]()
         with trio.fail_after(timeout):
             try:
-                await actor.inbox.send(Call(op, args, send))
+                await actor.inbox.send(Call(op, args, answer))
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 return None
-            return await receive.receive()
+            return await answer.receive()
 
     def peers_by_role(self) -> dict[str, int]:
         total: dict[str, int] = {}

@@ -21,6 +21,7 @@ from typing import Any, Awaitable, Callable, Protocol
 
 import trio
 
+from . import _nowait as nowait
 from ._actors import PeerConnection, Register
 from ._log import event
 from ._router import RoomHandle, RoomRouter
@@ -143,13 +144,13 @@ class Registrar:
         if admission.sleap_rtc:
             servers = self.ice.servers_for(subject)
             welcome = {"ice_servers": servers, "mesh_ice_servers": servers}
-        reply_send, reply_recv = trio.open_memory_channel[str | None](1)
-        cmd = Register(conn, peer_id, subject, req.role, req.metadata, admission.echo_token, reply_send,
+        answer = nowait.Answer[str | None]()
+        cmd = Register(conn, peer_id, subject, req.role, req.metadata, admission.echo_token, answer,
                        is_admin=req.is_admin, welcome=welcome)
         room = await self._hand_over(room_id, cmd)
         bound = None
         with trio.move_on_after(REPLY_TIMEOUT) as waited:
-            bound = await reply_recv.receive()
+            bound = await answer.receive()
         if waited.cancelled_caught:
             room.register_abandoned(conn.id)
             raise _unavailable("the room did not answer in time; try again")
@@ -164,7 +165,7 @@ class Registrar:
         for _attempt in range(OPEN_ATTEMPTS):
             try:
                 room = await self.router.open(room_id)
-                await room.send(cmd)
+                await nowait.send(room, cmd)
                 return room
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 continue  # the room retired between look-up and send; a new one starts

@@ -25,6 +25,7 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest
 
 from . import _log
+from . import _nowait as nowait
 from ._actors import Leave, Message
 from ._log import event
 from ._metrics import Metrics
@@ -156,8 +157,7 @@ class Connection:
         outbox.append(text)
         self._overflowing = False
         if self._writer_token is None:
-            self._writer_token = token = object()
-            nursery.start_soon(self._writer, token)
+            self._start_writer(nursery)
         elif self._parked is not None:
             task, self._parked = self._parked, None
             trio.lowlevel.reschedule(task)
@@ -307,17 +307,47 @@ class Connection:
             room = self.registration.room
             cmd = Message(self, msg, raw)
             try:
-                try:
-                    room.send_nowait(cmd)
-                except trio.WouldBlock:  # the room is busy: this connection waits, no other
-                    await room.send(cmd)
+                await nowait.send(room, cmd)  # a busy room: this connection waits, no other
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 self.registration = None
                 self._error(E.ProtocolError(E.NOT_IN_ROOM, "Peer not registered in any room"))
         else:
             self._error(E.ProtocolError(E.UNKNOWN_MESSAGE_TYPE, f"Unknown message type: {mtype}"))
 
+    async def _send_held(self, token: object) -> None:
+        """What queued while this task held the writer's place; a writer takes the rest."""
+        try:
+            if self._outbox and self._writer_token is token and not self.moved:
+                await self._send_batch()
+        except ConnectionClosed:
+            pass
+        finally:
+            if self._writer_token is token:
+                self._writer_token = None
+                if self._outbox and self._nursery is not None and not self.moved:
+                    self._start_writer(self._nursery)
+
+    def _start_writer(self, nursery: trio.Nursery) -> None:
+        self._writer_token = token = object()
+        nursery.start_soon(self._writer, token)
+
+    async def _send_batch(self) -> None:
+        """Up to WRITE_BATCH queued frames in one send (`_send_since`: the stall check)."""
+        outbox = self._outbox
+        batch = outbox[:WRITE_BATCH]
+        del outbox[:WRITE_BATCH]
+        self._send_since = trio.current_time()
+        try:
+            await send_many(self.ws, batch)
+        finally:
+            self._send_since = None
+
     async def _register(self, msg: dict[str, Any], raw: str) -> None:
+        # A first register's answer is sent by this task, which holds the writer's place
+        # meanwhile: no writer task for one frame (nothing else goes to a roomless peer)
+        held = None
+        if self.registration is None and self._writer_token is None:
+            self._writer_token = held = object()
         started = trio.current_time()
         mover = self.ctx.mover
         try:
@@ -338,6 +368,8 @@ class Connection:
         finally:
             if not self.moved:
                 uninstall(self.ws)  # moves happen at a first register only: plain reads from now on
+            if held is not None:
+                await self._send_held(held)
 
     def _error(self, exc: E.ProtocolError) -> None:
         self.metrics.errors_by_code[exc.code] += 1
@@ -372,7 +404,6 @@ class Connection:
         (WRITER_LINGER, ended by the sweeper) for more, then ends, so an idle connection
         holds no writer. A send that makes no progress for stalled_reader_timeout is
         the sweeper's to cut off (`_send_since`)."""
-        ws = self.ws
         outbox = self._outbox
         try:
             while True:
@@ -381,15 +412,10 @@ class Connection:
                     if self._writer_token is not token:
                         return  # lingered out (check_timers let go of it)
                     continue
-                batch = outbox[:WRITE_BATCH]
-                del outbox[:WRITE_BATCH]
-                self._send_since = trio.current_time()
                 try:
-                    await send_many(ws, batch)
+                    await self._send_batch()
                 except ConnectionClosed:
                     return
-                finally:
-                    self._send_since = None
         finally:
             if self._writer_token is token:
                 self._writer_token = None

@@ -9,7 +9,8 @@ kept the process out of descriptors for that long.
 `tests/test_http_attacks.py::test_abandoned_ws_handshakes_release_at_once` fails if this stops working.
 
 `send_many(ws, texts)`: frames that wait in a peer's outbox together go out in one
-`send_all` (one syscall) instead of one each. It uses the connection's wsproto state,
+`send_all` (one syscall) instead of one each, under the stream lock taken without a
+schedule point when it is free (`_nowait`). It uses the connection's wsproto state,
 stream and stream lock exactly as trio-websocket's own `_send` does; where those
 internals are missing (another trio-websocket version) it falls back to `send_message`.
 
@@ -53,6 +54,7 @@ from wsproto.events import (
     TextMessage,
 )
 
+from . import _nowait as nowait
 from ._wshandshake import MAX_HEAD, accept_response, fast_key
 
 # frames read ahead per connection: a few mean fewer task switches between
@@ -149,7 +151,7 @@ _CAN_BATCH = all(hasattr(WebSocketConnection, a) for a in ("_send", "_abort_web_
 
 
 async def send_many(ws: WebSocketConnection, texts: list[str]) -> None:
-    if len(texts) == 1 or not _CAN_BATCH or not hasattr(ws, "_wsproto"):
+    if not _CAN_BATCH or not hasattr(ws, "_wsproto"):
         for text in texts:
             await ws.send_message(text)
         return
@@ -161,12 +163,15 @@ async def send_many(ws: WebSocketConnection, texts: list[str]) -> None:
 async def send_raw(ws: WebSocketConnection, data: bytes) -> None:
     """Bytes onto the connection's stream, as trio-websocket's own `_send` writes them
     (its stream lock; a broken stream aborts the connection: ConnectionClosed)."""
-    async with ws._stream_lock:
-        try:
-            await ws._stream.send_all(data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            await ws._abort_web_socket()
-            raise ConnectionClosed(ws._close_reason) from None
+    lock = ws._stream_lock
+    await nowait.acquire(lock)
+    try:
+        await ws._stream.send_all(data)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        await ws._abort_web_socket()
+        raise ConnectionClosed(ws._close_reason) from None
+    finally:
+        lock.release()
 
 
 _ABANDONED = object()  # the handshake "request" of a client that closed before sending one

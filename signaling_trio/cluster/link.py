@@ -17,6 +17,7 @@ from typing import Any, Callable, Protocol
 
 import trio
 
+from .. import _nowait as nowait
 from .._actors import Command, Leave, Message, Register, Reply, RoomActor
 from .._log import event
 from .._metrics import Metrics
@@ -57,10 +58,7 @@ async def to_actor(actor: RoomActor, *cmds: Command) -> bool:
     """Hand `cmds` to a room's actor, in order; False if the room retired meanwhile."""
     try:
         for cmd in cmds:
-            try:
-                actor.inbox.send_nowait(cmd)
-            except trio.WouldBlock:
-                await actor.inbox.send(cmd)
+            await nowait.send(actor.inbox, cmd)
         return True
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         return False
