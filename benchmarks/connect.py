@@ -13,6 +13,10 @@ Baseline, in the same round: the bare trio-websocket relay (benchmarks/bare_rela
 taking N connections that each send one naming frame and get one reply: the handshake
 and one message each way, nothing else: the floor for anything built on trio-websocket.
 Server pinned to core 0, the load generator (Node `ws`) to core 1, as in run.py.
+The table also splits each server's CPU at the end of its HTTP calls: the HTTP part (per
+peer, and per request: two requests per room) and the WebSocket part (per peer, and
+against bare, whose whole cost is a WebSocket part): where a difference between two
+servers comes from.
 """
 
 from __future__ import annotations
@@ -125,12 +129,15 @@ def wave(srv: dict[str, Any], count: int, *, rooms: list[dict[str, str]] | None 
             rooms, _ = make_rooms(srv, count)
         # every peer presents its own room's signer's id_token (the loadgen's `where`)
         cfg.update(rooms=rooms, id_token=rooms[0]["id_token"])
+    cpu_http = cpu_seconds(srv["pid"])  # the HTTP part ends here (nothing for bare)
     lg = Loadgen(srv, cfg)
     connected = lg.wait_phase("connected")
     cpu1, t1 = cpu_seconds(srv["pid"]), time.monotonic()
     lg.wait_phase("idle")
     lg.finish()
-    return {"ms_per_peer": 1000 * (cpu1 - cpu0) / count, "connect_s": connected["seconds"], "wall_s": t1 - t0}
+    return {"ms_per_peer": 1000 * (cpu1 - cpu0) / count, "http_ms_per_peer": 1000 * (cpu_http - cpu0) / count,
+            "ws_ms_per_peer": 1000 * (cpu1 - cpu_http) / count, "connect_s": connected["seconds"],
+            "wall_s": t1 - t0}
 
 
 def rounds(runs: int, count: int, store: str, before: str | None = None,
@@ -154,15 +161,18 @@ def rounds(runs: int, count: int, store: str, before: str | None = None,
         print(json.dumps(row), flush=True)
     med = statistics.median
 
-    def ratio(a: str, b: str) -> tuple[float, list[float]]:
-        each = [r[a]["ms_per_peer"] / r[b]["ms_per_peer"] for r in per]
+    def ratio(a: str, b: str, part: str = "ms_per_peer") -> tuple[float, list[float]]:
+        each = [r[a][part] / r[b][part] for r in per]
         return med(each), [round(x, 2) for x in each]
 
     out: dict[str, Any] = {"raw": per}
     for name in per[0]:
-        out[name + "_ms"] = med([r[name]["ms_per_peer"] for r in per])
+        for part in ("", "http_", "ws_"):
+            out[f"{name}_{part}ms"] = med([r[name][part + "ms_per_peer"] for r in per])
         if name != "bare":
             out[name + "_over_bare"] = ratio(name, "bare")
+            # bare has no HTTP part: its whole cost is the WebSocket part
+            out[name + "_ws_over_bare"] = ratio(name, "bare", "ws_ms_per_peer")
     if before:
         out["ours_over_before"] = ratio("ours", "before")
     if old_server:
@@ -249,15 +259,23 @@ def main() -> int:
         f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; "
         f"store {args.store.split(':')[0]}; log level {args.log_level}; {args.runs} interleaved rounds, medians",
         "",
-        f"| server CPU per connect + register, ms ({args.count:,} peers, rooms of {ROOM_SIZE}) | ms | / bare |",
-        "|---|---|---|",
-        f"| bare trio-websocket | {r['bare_ms']:.3f} | |",
-        f"| signaling_trio | {r['ours_ms']:.3f} | {cell('ours_over_bare')} |",
+        f"| server CPU per connect + register, ms ({args.count:,} peers, rooms of {ROOM_SIZE}) | ms | / bare "
+        "| HTTP part: ms per peer; per request | WebSocket part: ms per peer; / bare |",
+        "|---|---|---|---|---|",
+        f"| bare trio-websocket | {r['bare_ms']:.3f} | | | |",
     ]
+
+    def row(name: str, what: str) -> str:
+        # two requests per room of ROOM_SIZE peers
+        http = f"{r[name + '_http_ms']:.3f}; {r[name + '_http_ms'] * ROOM_SIZE / 2:.2f}"
+        return (f"| {what} | {r[name + '_ms']:.3f} | {cell(name + '_over_bare')} | {http} "
+                f"| {r[name + '_ws_ms']:.3f}; {cell(name + '_ws_over_bare')} |")
+
+    rows.append(row("ours", "signaling_trio"))
     if args.before:
-        rows.append(f"| signaling_trio from {args.before} | {r['before_ms']:.3f} | {cell('before_over_bare')} |")
+        rows.append(row("before", f"signaling_trio from {args.before}"))
     if args.old:
-        rows.append(f"| old v2 server (AWS: {args.old_aws}) | {r['old_ms']:.3f} | {cell('old_over_bare')} |")
+        rows.append(row("old", f"old v2 server (AWS: {args.old_aws})"))
     rows.append("")
     for key, what in (("ours_over_before", "now / before"), ("ours_over_old", "now / old v2"),
                       ("before_over_old", "before / old v2")):
