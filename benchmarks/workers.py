@@ -41,6 +41,17 @@ def rooms_per_owner(redis_url: str) -> list[int]:
     return sorted(Counter(owners).values(), reverse=True) if keys else []
 
 
+def bound(w1: dict[str, Any]) -> float:
+    """What `--workers 2` can relay over `--workers 1` on two cores that the load generator
+    shares, if a message costs the servers what it costs one worker (s) and the load
+    generator what it costs it beside one worker (g): one worker is held to one core,
+    1/s messages a second; two workers and the generator fill both, 2/(s + g). So 2s/(s + g):
+    below 2, and lower the cheaper the server is next to its load generator."""
+    s = w1["server_cpu_us_per_msg"]
+    g = 1e6 * w1["loadgen_cpu_pct"] / 100 / max(w1["msgs_per_s"], 1e-9)
+    return 2 * s / (s + g)
+
+
 def one(n: int, duration: float, pairs: int, root: str = ROOT) -> dict[str, Any]:
     with redis_server() as r, instance(r["url"], workers=n, root=root) as w:
         token, rooms = new_rooms(w["http"], pairs)  # one room per pair
@@ -88,7 +99,7 @@ def main() -> int:
         w1, w2 = one(1, dur, pairs), one(2, dur, pairs)
         per.append({"w1": w1, "w2": w2, "throughput": w2["msgs_per_s"] / w1["msgs_per_s"],
                     "rtt": w2["rtt_p50_ms"] / w1["rtt_p50_ms"],
-                    "cpu": w2["server_cpu_us_per_msg"] / w1["server_cpu_us_per_msg"]})
+                    "cpu": w2["server_cpu_us_per_msg"] / w1["server_cpu_us_per_msg"], "bound": bound(w1)})
         print(json.dumps({k: v if not isinstance(v, dict) else {x: round(y, 2) if isinstance(y, float) else y
                                                                  for x, y in v.items()
                                                                  if isinstance(y, (int, float, list))}
@@ -118,6 +129,8 @@ def main() -> int:
         f"{med('redis_cpu_us_per_msg', 'w2'):.1f} | |",
         f"| load generator CPU % | {med('loadgen_cpu_pct', 'w1'):.0f} | {med('loadgen_cpu_pct', 'w2'):.0f} | |",
         f"| rooms per process (every round) | | {splits} | |",
+        f"| the machine's bound: 2 / 1 if a message cost two workers what it costs one | | | "
+        f"{med('bound'):.2f} ({each('bound')}) |",
     ]
     table = "\n".join(lines)
     print("\n" + table)
