@@ -22,8 +22,9 @@ has races that one client can trigger; each change here closes one of them.
 The keep-alive hang (a request after a POST whose body arrived after its answer was
 never read) is closed in `_httpguard`, which reads each body before the app runs.
 
-Two costs of a request are cut (docs/PERFORMANCE.md; every `/anonymous-signin` and
-`/create-room` is a new connection, so they count in a reconnect wave):
+What a request costs is cut where it need not be (docs/PERFORMANCE.md; every
+`/anonymous-signin` and `/create-room` is a new connection, so they count in a reconnect
+wave):
 - The idle timer is a deadline on the reader, not hypercorn's timer task started and
   cancelled around every request. It also bounds a request's headers, as before.
 - `InlineRequest` runs a request in the task hypercorn gave it: quart-trio's second task
@@ -32,8 +33,11 @@ Two costs of a request are cut (docs/PERFORMANCE.md; every `/anonymous-signin` a
   connection's task group.
 - `_AppTaskGroup`: the ASGI events between the reader and the app (body, end, disconnect)
   pass without a task switch when the queue has room or an item, the write lock is taken
-  without one when free (`_nowait`), and the close calls the socket's own shutdown and
-  close: a request took 17 task steps, now 8.
+  without one when free (`_nowait`), and the close calls the socket's own close: a
+  request took 17 task steps, now 8.
+- A cancel scope is a context object and trio's `move_on_after` a generator around one:
+  reads take none (hypercorn's reader made one per read, for a read timeout we do not
+  set) and a write takes one (shielded, with its deadline), not two.
 `tests/test_http_attacks.py` fails if any of these stops holding.
 """
 
@@ -52,7 +56,7 @@ from hypercorn.events import Closed, Event, RawData, Updated
 from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.trio.lifespan import Lifespan
 from hypercorn.trio.task_group import TaskGroup, _handle
-from hypercorn.trio.tcp_server import TCPServer
+from hypercorn.trio.tcp_server import MAX_RECV, TCPServer
 from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import ConnectionState
 from hypercorn.utils import parse_socket_addr
@@ -190,6 +194,19 @@ class HttpConnection(TCPServer):
         elif isinstance(event, Updated):
             self._idle(event.idle)
 
+    async def _read_data(self) -> None:
+        """hypercorn's, without a cancel scope around each read (it has one for a read
+        timeout, which we do not set): `_reading` carries the one deadline."""
+        while True:
+            try:
+                data = await self.stream.receive_some(MAX_RECV)
+            except (trio.ClosedResourceError, trio.BrokenResourceError):
+                break
+            await self.protocol.handle(RawData(data=data))
+            if not data:
+                break
+        await self.protocol.handle(Closed())
+
     def _idle(self, idle: bool) -> None:
         """Idle (no request under way): the reader's deadline is the keep-alive timeout."""
         self._reading.deadline = trio.current_time() + KEEP_ALIVE_TIMEOUT if idle else math.inf
@@ -203,7 +220,7 @@ class HttpConnection(TCPServer):
     async def _write(self, data: bytes) -> bool:
         await nowait.acquire(self.send_lock)
         try:
-            with trio.CancelScope(shield=True), trio.move_on_after(SEND_TIMEOUT):
+            with trio.CancelScope(shield=True, deadline=trio.current_time() + SEND_TIMEOUT):
                 try:
                     await self.stream.send_all(data)
                     return True
@@ -221,14 +238,10 @@ class HttpConnection(TCPServer):
         with trio.CancelScope(shield=True):
             await nowait.acquire(self.send_lock)  # never while a write is under way
             try:
-                # the socket's own calls: SocketStream's send_eof and aclose each add a
-                # schedule point, and the lock already keeps every writer out
-                sock = self.stream.socket
-                try:
-                    sock.shutdown(trio.socket.SHUT_WR)
-                except OSError:
-                    pass
-                sock.close()
+                # the socket's own close: SocketStream's send_eof and aclose each add a
+                # schedule point, and the lock already keeps every writer out. No
+                # shutdown first: close sends the same FIN after what is still queued.
+                self.stream.socket.close()
             finally:
                 self.send_lock.release()
             protocol = getattr(self, "protocol", None)
