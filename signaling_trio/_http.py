@@ -20,6 +20,7 @@ from typing import Any, Awaitable, Callable
 import orjson
 import trio
 from quart import request
+from quart.json.provider import DefaultJSONProvider
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
@@ -326,8 +327,24 @@ def add_routes(app: QuartTrio, api: HttpApi, routes: tuple[tuple[str, str, str],
         app.add_url_rule(path, name, getattr(api, name), methods=[method])
 
 
+class JsonAnswers(DefaultJSONProvider):
+    """An endpoint's dict answer, encoded by orjson (which already parses the bodies)
+    rather than the standard library: the same bytes as Quart's default for ASCII
+    (sorted keys, compact, a closing newline); other text as UTF-8, not \\u escapes.
+    A value orjson cannot encode falls back to the default encoder."""
+
+    def response(self, *args: Any, **kwargs: Any) -> Any:
+        obj = self._prepare_response_obj(args, kwargs)
+        try:
+            body = orjson.dumps(obj, option=orjson.OPT_SORT_KEYS | orjson.OPT_APPEND_NEWLINE)
+        except TypeError:
+            return super().response(obj)
+        return self._app.response_class(body, mimetype=self.mimetype)
+
+
 def create_app(ctx: HttpContext) -> QuartTrio:
     app = QuartTrio("signaling_trio")
+    app.json = JsonAnswers(app)
     app.asgi_http_class = InlineRequest  # type: ignore[assignment]
     app.config["MAX_CONTENT_LENGTH"] = 64 * 1024
     add_routes(app, HttpApi(ctx), ROUTES)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import json
 import re
 import time
 
@@ -15,6 +16,7 @@ from joserfc import jwt
 from joserfc.jwk import KeySet, RSAKey
 
 from conftest import register, ws_peer
+from rawhttp import exchange, port_of
 from signaling_trio.testing import open_test_server
 
 
@@ -49,6 +51,20 @@ async def test_metrics_v2_names_and_counts(server, room):
         assert m["active_rooms"] == 1 and m["active_connections"] == 2
         assert m["peers_by_role"] == {"worker": 1, "client": 1}
         assert m["total_connections"] == 2 and m["total_messages"] == 1
+
+
+async def test_answers_are_compact_sorted_json_with_a_newline(server):
+    """An answer's bytes: keys sorted, no spaces, one closing newline (Quart's default
+    layout, which clients may have compared against), framed by its Content-Length."""
+    request = (b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+               b"POST /anonymous-signin HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+    answers, _ = await exchange(port_of(server.http_url), request, timeout=1.0)
+    assert [a.status for a in answers] == [200, 200], answers
+    for answer in answers:
+        expected = json.dumps(answer.json(), sort_keys=True, separators=(",", ":")).encode() + b"\n"
+        assert answer.body == expected
+        assert answer.headers["content-type"] == "application/json"
+        assert list(answer.json()) == sorted(answer.json())
 
 
 async def test_signin_and_jwks_verify(server):
