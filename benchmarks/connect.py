@@ -42,8 +42,9 @@ ROOM_SIZE = 10
 
 @contextmanager
 def ours(store: str, *, profile: str | None = None, src: str | None = None,
-         log_level: str = "warning") -> Iterator[dict[str, Any]]:
-    """Our server; `src`: from another checkout of this repository (a before/after run).
+         log_level: str = "warning", under: tuple[str, ...] = ()) -> Iterator[dict[str, Any]]:
+    """Our server; `src`: from another checkout of this repository (a before/after run);
+    `under`: a command it runs under (valgrind, for benchmarks/instructions.py).
     A data dir of its own: the signing key is the one that version makes on first start."""
     ws_port, http_port = free_port(), free_port()
     prefix = [sys.executable] + (["-m", "cProfile", "-o", profile] if profile else [])
@@ -52,20 +53,22 @@ def ours(store: str, *, profile: str | None = None, src: str | None = None,
                          "--http-port", str(http_port), "--store", store, "--data-dir", data,
                          "--rate-limit", "1000000000", "--rate-burst", "1000000000", "--http-rate-limit", "0",
                          "--log-level", log_level]
-        with _process(argv, ws_port, "ours", src) as pid:
+        with _process(argv, ws_port, "ours", src, under=under) as pid:
             yield {"kind": "ours", "pid": pid, "ws_url": f"ws://127.0.0.1:{ws_port}/",
                    "http": f"http://127.0.0.1:{http_port}"}
 
 
 @contextmanager
-def bare() -> Iterator[dict[str, Any]]:
+def bare(under: tuple[str, ...] = ()) -> Iterator[dict[str, Any]]:
     ws_port = free_port()
-    with _process([sys.executable, os.path.join(HERE, "bare_relay.py"), str(ws_port)], ws_port, "bare") as pid:
+    argv = [sys.executable, os.path.join(HERE, "bare_relay.py"), str(ws_port)]
+    with _process(argv, ws_port, "bare", under=under) as pid:
         yield {"kind": "bare", "pid": pid, "ws_url": f"ws://127.0.0.1:{ws_port}/"}
 
 
 @contextmanager
-def old(server_dir: str, python: str, aws: str, count: int, log_level: str = "warning") -> Iterator[dict[str, Any]]:
+def old(server_dir: str, python: str, aws: str, count: int, log_level: str = "warning",
+        under: tuple[str, ...] = ()) -> Iterator[dict[str, Any]]:
     """The upstream v2 server (benchmarks/old_v2.py). `aws`: "moto" (a moto server in a
     process of its own on the load generator's core; its CPU is not counted) or "memory"
     (AWS as dicts in the old server's process, tokens signed before it starts)."""
@@ -75,7 +78,7 @@ def old(server_dir: str, python: str, aws: str, count: int, log_level: str = "wa
     def run(aws_arg: str) -> Iterator[dict[str, Any]]:
         argv = [python, os.path.join(HERE, "old_v2.py"), server_dir, str(ws_port), str(http_port), aws_arg,
                 log_level]
-        with _process(argv, ws_port, "old", also=(http_port,)) as pid:
+        with _process(argv, ws_port, "old", also=(http_port,), under=under) as pid:
             yield {"kind": "old", "pid": pid, "ws_url": f"ws://127.0.0.1:{ws_port}/",
                    "http": f"http://127.0.0.1:{http_port}"}
 
@@ -91,20 +94,23 @@ def old(server_dir: str, python: str, aws: str, count: int, log_level: str = "wa
 
 @contextmanager
 def _process(argv: list[str], port: int, name: str, src: str | None = None,
-             cpu: str = SERVER_CPU, also: tuple[int, ...] = ()) -> Iterator[int]:
-    """`argv` started (pinned to `cpu`), once `port` and the ports `also` accept."""
+             cpu: str = SERVER_CPU, also: tuple[int, ...] = (), under: tuple[str, ...] = ()) -> Iterator[int]:
+    """`argv` started (pinned to `cpu`, under the command `under`), once `port` and the
+    ports `also` accept. Under a command (valgrind: ~30x slower) it gets 300 s to start
+    and to stop, not 20 and 30."""
+    slow = 15 if under else 1
     os.makedirs(RESULTS_LOGS, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": src} if src else None
     with open(os.path.join(RESULTS_LOGS, f"connect-{name}-{port}.log"), "w") as log:
-        proc = subprocess.Popen(pinned(cpu, argv), stdout=log, stderr=subprocess.STDOUT, cwd=src or ROOT,
+        proc = subprocess.Popen(pinned(cpu, [*under, *argv]), stdout=log, stderr=subprocess.STDOUT, cwd=src or ROOT,
                                 env=env)
         try:
             for each in (port, *also):
-                wait_port(each, proc)
-            time.sleep(0.3)
+                wait_port(each, proc, timeout=20 * slow)
+            time.sleep(0.3 * slow)
             yield proc.pid
         finally:
-            stop(proc, timeout=30)
+            stop(proc, timeout=30 * slow)
 
 
 def make_rooms(srv: dict[str, Any], count: int) -> tuple[list[dict[str, str]], str]:

@@ -2,6 +2,7 @@
 
     python benchmarks/instructions.py                      # this checkout
     python benchmarks/instructions.py --before /tmp/ctl    # and another (a git worktree)
+    python benchmarks/instructions.py --bare --old DIR --old-python PY   # and the baselines
 
 CPU time on these machines drifts by tens of percent between runs, so a change worth 5 %
 hides in it (benchmarks/connect.py needs many rounds to show one). Here the server runs
@@ -12,8 +13,11 @@ peer connects and registers and stays) runs at N1 and at N2 peers, each on a new
 and the difference over N2 - N1 is the cost of one more peer (start-up cancels out). A run
 with the HTTP calls alone splits it into its HTTP part and its WebSocket part.
 
-What it does not count: the kernel's work (system calls, the socket layer), which CPU time
-includes. So it compares two versions of this server, not this server with another.
+`--bare` counts bare trio-websocket taking the same connections (connect.py's baseline:
+the handshake and one message each way), `--old` the old v2 server (connect.py's, AWS in
+memory, its clients' permessage-deflate on). What it does not count: the kernel's work
+(system calls, the socket layer), which CPU time includes; so between two servers it
+compares the work each does in user space (with their runtimes, C libraries included).
 Needs `valgrind` (Debian package valgrind); a run takes a few minutes.
 """
 
@@ -24,45 +28,28 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
+from contextlib import AbstractContextManager
+from typing import Any, Callable
 
-from connect import ROOM_SIZE, make_rooms
-from run import RESULTS_LOGS, ROOT, Loadgen, ensure_node_modules, free_port, stop, wait_port
+from connect import ROOM_SIZE, bare, make_rooms, old, ours, wave
+from run import ensure_node_modules
+
+Start = Callable[[int, tuple[str, ...]], AbstractContextManager[dict[str, Any]]]
 
 
-def count(peers: int, src: str | None, *, http_only: bool) -> int:
+def count(start: Start, peers: int, *, http_only: bool) -> int:
     """Instructions of one server's whole life: start, `peers` made (and connected unless
-    `http_only`), stop."""
-    ws_port, http_port = free_port(), free_port()
-    os.makedirs(RESULTS_LOGS, exist_ok=True)
+    `http_only`), stop. `start(peers, under)` opens the server under valgrind."""
     with tempfile.TemporaryDirectory(prefix="instructions-") as data:
         out = os.path.join(data, "cachegrind.out")
-        argv = ["valgrind", "--tool=cachegrind", "--cache-sim=no", f"--cachegrind-out-file={out}",
-                sys.executable, "-m", "signaling_trio", "serve", "--host", "127.0.0.1", "--ws-port", str(ws_port),
-                "--http-port", str(http_port), "--store", "memory", "--data-dir", data,
-                "--rate-limit", "1000000000", "--rate-burst", "1000000000", "--http-rate-limit", "0",
-                "--log-level", "warning"]
-        env = {**os.environ, "PYTHONPATH": src} if src else None
-        with open(os.path.join(RESULTS_LOGS, f"instructions-{ws_port}.log"), "w") as log:
-            proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=src or ROOT, env=env)
-            try:
-                for port in (ws_port, http_port):
-                    wait_port(port, proc, timeout=300)  # ~30x slower under valgrind
-                time.sleep(2)
-                srv = {"kind": "ours", "pid": proc.pid, "ws_url": f"ws://127.0.0.1:{ws_port}/",
-                       "http": f"http://127.0.0.1:{http_port}"}
-                rooms, _ = make_rooms(srv, peers)
-                if not http_only:
-                    lg = Loadgen(srv, {"scenario": "capacity", "count": peers, "concurrency": 10,
-                                       "rooms": rooms, "id_token": rooms[0]["id_token"]})
-                    lg.wait_phase("connected")
-                    lg.wait_phase("idle")
-                    lg.finish()
-            finally:
-                stop(proc, timeout=300)
+        under = ("valgrind", "--tool=cachegrind", "--cache-sim=no", f"--cachegrind-out-file={out}")
+        with start(peers, under) as srv:
+            if http_only:
+                make_rooms(srv, peers)
+            else:
+                wave(srv, peers, concurrency=10)
         with open(out) as f:
             found = re.search(r"^summary:\s+(\d+)", f.read(), re.M)
     if found is None:
@@ -70,16 +57,33 @@ def count(peers: int, src: str | None, *, http_only: bool) -> int:
     return int(found.group(1))
 
 
-def per_peer(n1: int, n2: int, src: str | None) -> dict[str, float]:
-    whole = (count(n2, src, http_only=False) - count(n1, src, http_only=False)) / (n2 - n1)
-    http = (count(n2, src, http_only=True) - count(n1, src, http_only=True)) / (n2 - n1)
-    return {"per_peer": whole, "http_per_peer": http, "ws_per_peer": whole - http,
-            "per_http_request": http * ROOM_SIZE / 2}
+def per_peer(n1: int, n2: int, start: Start, *, http: bool = True) -> dict[str, float]:
+    """The cost of one more peer: the difference between N2 and N1 peers over N2 - N1
+    (start-up cancels out), split into its HTTP and WebSocket parts when `http`."""
+    whole = (count(start, n2, http_only=False) - count(start, n1, http_only=False)) / (n2 - n1)
+    part = (count(start, n2, http_only=True) - count(start, n1, http_only=True)) / (n2 - n1) if http else 0.0
+    return {"per_peer": whole, "http_per_peer": part, "ws_per_peer": whole - part,
+            "per_http_request": part * ROOM_SIZE / 2}
+
+
+def starters(args: argparse.Namespace) -> dict[str, tuple[Start, bool]]:
+    """Each server to count: how it starts, and whether it has an HTTP part."""
+    got: dict[str, tuple[Start, bool]] = {"now": (lambda n, u: ours("memory", under=u), True)}
+    if args.before:
+        got["before"] = (lambda n, u: ours("memory", src=args.before, under=u), True)
+    if args.old:
+        got["old v2"] = (lambda n, u: old(args.old, args.old_python, "memory", n, under=u), True)
+    if args.bare:
+        got["bare"] = (lambda n, u: bare(under=u), False)
+    return got
 
 
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--before", default=None, metavar="DIR", help="also count the server from this checkout")
+    ap.add_argument("--bare", action="store_true", help="also count bare trio-websocket (connect.py's baseline)")
+    ap.add_argument("--old", default=None, metavar="DIR", help="also count the old v2 server (connect.py --old)")
+    ap.add_argument("--old-python", default="python3", metavar="PY")
     ap.add_argument("--n1", type=int, default=100)
     ap.add_argument("--n2", type=int, default=500)
     args = ap.parse_args()
@@ -87,9 +91,7 @@ def main() -> int:
         print("valgrind is not installed (apt-get install valgrind)", file=sys.stderr)
         return 2
     ensure_node_modules()
-    got = {"now": per_peer(args.n1, args.n2, None)}
-    if args.before:
-        got["before"] = per_peer(args.n1, args.n2, args.before)
+    got = {name: per_peer(args.n1, args.n2, start, http=http) for name, (start, http) in starters(args).items()}
     print(json.dumps(got))
     print(f"\ninstructions (millions), peers {args.n1} -> {args.n2}, rooms of {ROOM_SIZE}\n")
     print("| | per connect + register | HTTP part per peer | WebSocket part per peer | per HTTP request |")
@@ -97,11 +99,12 @@ def main() -> int:
     for name, row in got.items():
         print(f"| {name} | {row['per_peer'] / 1e6:.3f} | {row['http_per_peer'] / 1e6:.3f} "
               f"| {row['ws_per_peer'] / 1e6:.3f} | {row['per_http_request'] / 1e6:.3f} |")
-    if args.before:
-        now, before = got["now"], got["before"]
-        print("\nnow / before: " + ", ".join(
-            f"{what} {now[key] / before[key]:.3f}" for what, key in
-            (("per peer", "per_peer"), ("HTTP", "http_per_peer"), ("WebSocket", "ws_per_peer"))))
+    now = got["now"]
+    for name, row in got.items():
+        if name != "now":
+            print(f"\nnow / {name}: " + ", ".join(
+                f"{what} {now[key] / row[key]:.3f}" for what, key in
+                (("per peer", "per_peer"), ("HTTP", "http_per_peer"), ("WebSocket", "ws_per_peer")) if row[key]))
     return 0
 
 
