@@ -28,6 +28,7 @@ from typing import Any
 import orjson
 import trio
 
+from . import _nowait as nowait
 from ._log import event
 
 Scope = dict[str, Any]
@@ -167,7 +168,7 @@ async def read_body(receive: Receive, timeout: float) -> tuple[bytes | None, Ref
     or (None, None) when the client disconnected first."""
     chunks: list[bytes] = []
     size = 0
-    with trio.move_on_after(timeout):
+    with nowait.within(timeout):
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":

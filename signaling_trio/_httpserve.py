@@ -136,7 +136,7 @@ class InlineRequest(TrioASGIHTTPConnection):
         timeout = response.timeout if isinstance(response, Response) else Ellipsis
         if timeout is Ellipsis:
             timeout = self.app.config["RESPONSE_TIMEOUT"]
-        with trio.move_on_after(math.inf if timeout is None else timeout):
+        with nowait.within(math.inf if timeout is None else timeout):
             await self._send_response(send, response)
 
 
@@ -220,7 +220,7 @@ class HttpConnection(TCPServer):
     async def _write(self, data: bytes) -> bool:
         await nowait.acquire(self.send_lock)
         try:
-            with trio.CancelScope(shield=True, deadline=trio.current_time() + SEND_TIMEOUT):
+            with nowait.within(SEND_TIMEOUT, shield=True):
                 try:
                     await self.stream.send_all(data)
                     return True

@@ -7,6 +7,7 @@ paths). These try the no-wait call first and wait only when it would block, so a
 request or a register that finds room or an answer ready runs on without a task switch
 (docs/PERFORMANCE.md: an HTTP request took 17 task steps, a connect + register 15).
 Cancellation still reaches the caller at its next real wait, a socket read or write.
+`within` is the deadline those paths put on a wait, at the cost of one cancel scope.
 """
 
 from __future__ import annotations
@@ -55,6 +56,13 @@ async def acquire(lock: trio.Lock | trio.StrictFIFOLock) -> None:
         lock.acquire_nowait()
     except trio.WouldBlock:
         await lock.acquire()
+
+
+def within(seconds: float, *, shield: bool = False) -> trio.CancelScope:
+    """A cancel scope ending `seconds` from now: `trio.move_on_after` without the
+    generator context manager around it (`fail_after` is two of them), for the waits every
+    connection and request passes. After it, `.cancelled_caught` says it ran out."""
+    return trio.CancelScope(deadline=trio.current_time() + seconds, shield=shield)
 
 
 class Answer(Generic[T]):

@@ -149,7 +149,7 @@ class Registrar:
                        is_admin=req.is_admin, welcome=welcome)
         room = await self._hand_over(room_id, cmd)
         bound = None
-        with trio.move_on_after(REPLY_TIMEOUT) as waited:
+        with nowait.within(REPLY_TIMEOUT) as waited:
             bound = await answer.receive()
         if waited.cancelled_caught:
             room.register_abandoned(conn.id)

@@ -15,6 +15,7 @@ scope per frame or per connection costs time and memory that this avoids
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import math
@@ -202,12 +203,10 @@ class Connection:
             await self.leave_room()
             code = self.close_code or E.CLOSE_NORMAL
             self.metrics.closes_by_code[code] += 1
-            with trio.move_on_after(2):
+            with nowait.within(2):
                 await self.ws.aclose(code, self.close_reason or None)
-        event(
-            logging.INFO, "disconnect", conn=self.id, peer_id=self.peer_id,
-            room_id=self.room_id, code=self.ws.closed.code if self.ws.closed else code,
-        )
+        code = self.ws.closed.code if self.ws.closed else code
+        event(logging.INFO, "disconnect", conn=self.id, peer_id=self.peer_id, room_id=self.room_id, code=code)
 
     async def _reader(self) -> None:
         """Reads frames (the timers are check_timers', called by the sweeper)."""
@@ -471,11 +470,11 @@ def _remote(ws: WebSocketConnection) -> str:
 
 
 async def handle_request(ctx: WsContext, request: WebSocketRequest) -> None:
-    try:
-        with trio.fail_after(10):
-            ws = await request.accept()
-    except (ConnectionClosed, trio.TooSlowError, OSError):
-        return
+    ws = None
+    with nowait.within(10), contextlib.suppress(ConnectionClosed, OSError):
+        ws = await request.accept()
+    if ws is None:
+        return  # gone, or the 101 was not taken in time
     conn = Connection(ctx, ws)
     if ctx.mover is not None:
         install(ws)  # its first register may move it to the sibling that owns the room

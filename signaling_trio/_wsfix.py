@@ -182,7 +182,7 @@ async def handle_connection(server: WebSocketServer, stream: trio.SocketStream) 
         await server._handle_connection(stream)
         return
     head = b""
-    with trio.move_on_after(server._connect_timeout):
+    with nowait.within(server._connect_timeout):
         head = await _read_head(stream)
     if not head:
         return  # closed, or nothing in time: the caller closes the stream

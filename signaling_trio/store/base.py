@@ -11,7 +11,7 @@ import secrets
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Protocol, TypeVar
 
-import trio
+from .. import _nowait as nowait
 
 
 class ClosingStore:
@@ -61,9 +61,8 @@ STORE_TIMEOUT = 5.0
 async def bounded(fn: Callable[..., Awaitable[T]], *args: Any, timeout: float = STORE_TIMEOUT) -> T:
     """A store call with a deadline: no client ever waits on the store for longer, and a
     store too slow to answer is unavailable like one that failed."""
-    # a bare cancel scope, not fail_after (a generator context manager): every register
-    # passes here, and most answer from RoomCache without waiting at all
-    with trio.CancelScope(deadline=trio.current_time() + timeout):
+    # every register passes here, and most answer from RoomCache without waiting at all
+    with nowait.within(timeout):
         return await fn(*args)
     raise StoreUnavailable(f"the store did not answer within {timeout:g} s")
 
