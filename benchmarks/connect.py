@@ -97,7 +97,7 @@ def _process(argv: list[str], port: int, name: str, src: str | None = None,
              cpu: str = SERVER_CPU, also: tuple[int, ...] = (), under: tuple[str, ...] = ()) -> Iterator[int]:
     """`argv` started (pinned to `cpu`, under the command `under`), once `port` and the
     ports `also` accept. Under a command (valgrind: ~30x slower) it gets 300 s to start
-    and to stop, not 20 and 30."""
+    and 450 to stop, not 20 and 30."""
     slow = 15 if under else 1
     os.makedirs(RESULTS_LOGS, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": src} if src else None

@@ -280,7 +280,7 @@ class Connection:
     async def _ping(self) -> None:
         """A WebSocket ping after silence; a close when no pong comes in time."""
         try:
-            with trio.move_on_after(self.settings.idle_ping_timeout) as waited:
+            with nowait.within(self.settings.idle_ping_timeout) as waited:
                 await self.ws.ping()
         except ConnectionClosed:
             return
@@ -392,7 +392,7 @@ class Connection:
         if registration is None:
             return
         try:
-            with trio.move_on_after(2):
+            with nowait.within(2):
                 await registration.room.send(Leave(self))
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass

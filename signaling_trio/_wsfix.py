@@ -200,7 +200,7 @@ async def handle_connection(server: WebSocketServer, stream: trio.SocketStream) 
             connection._wsproto.receive_data(head)
             nursery.start_soon(_read_then_give_up, connection)
             request = None
-            with trio.move_on_after(server._connect_timeout):
+            with nowait.within(server._connect_timeout):
                 request = await connection._get_request()
             if request is None or request is _ABANDONED:
                 nursery.cancel_scope.cancel()
@@ -211,7 +211,7 @@ async def handle_connection(server: WebSocketServer, stream: trio.SocketStream) 
         finally:
             freeze = connection.__dict__.get("_st_freeze")
             if freeze is None or not freeze.moved:  # (a moved connection is another process's now)
-                with trio.move_on_after(server._disconnect_timeout):
+                with nowait.within(server._disconnect_timeout):
                     await connection.aclose()
             else:
                 nursery.cancel_scope.cancel()

@@ -24,6 +24,7 @@ import trio_websocket
 from trio_websocket import WebSocketConnection
 from wsproto.connection import ConnectionState
 
+from . import _nowait as nowait
 from ._wsfix import _READER_FOR, _reader_task, open_connection
 
 MOVABLE = trio_websocket.__version__ in _READER_FOR
@@ -79,7 +80,7 @@ async def freeze(ws: WebSocketConnection) -> Frozen | None:
     if fz.scope is not None:
         fz.scope.cancel()
     queued: list[str | bytes] = []
-    with trio.move_on_after(FREEZE_TIMEOUT):
+    with nowait.within(FREEZE_TIMEOUT):
         try:
             while True:  # (draining lets a reader blocked on a full queue reach its stop)
                 queued.append(await ws._recv_channel.receive())
@@ -129,6 +130,6 @@ async def serve_adopted(ws: WebSocketConnection, handler, disconnect_timeout: fl
         try:
             await handler(ws)
         finally:
-            with trio.move_on_after(disconnect_timeout):
+            with nowait.within(disconnect_timeout):
                 await ws.aclose()
             nursery.cancel_scope.cancel()
