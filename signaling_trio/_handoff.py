@@ -5,7 +5,7 @@ all, so a room's peers share one process and their messages never touch Redis.
 Owns: this process's Unix socket in the shared directory (`<instance>.sock`), giving a
 connection (SCM_RIGHTS: the TCP socket itself, then what was read but not handled, the
 admission, the rate bucket) and taking one (rebuilt with `_wsmove.adopt`, registered
-with the admission it came with, then its queued frames, then reading on).
+with the admission it came with, then reading on from the bytes that came with it).
 Never touches: rooms and leases (the cluster says who owns a room), credentials (the
 sender admitted the peer; the directory is 0700, so only this user's processes talk).
 
@@ -36,15 +36,15 @@ import trio
 from ._log import event
 from ._register import Admission, Identity, MoveTo
 from ._ws import Connection, WsContext, serve_connection
-from ._wsfix import MESSAGE_QUEUE_SIZE
-from ._wsmove import Frozen, adopt, freeze, serve_adopted, thaw
+from ._wsfix import DISCONNECT_TIMEOUT, MESSAGE_QUEUE_SIZE, let_go, serve_then_close
+from ._wsmove import adopt, take
 from .protocol import errors as E
 from .protocol.messages import decode
 from .protocol.registration import parse_register
 
 GIVE_TIMEOUT = 2.0
 HEADER = struct.Struct("!I")
-MAX_PAYLOAD = 4 * 1024 * 1024  # the register frame, up to a queue of frames, the leftover bytes
+MAX_PAYLOAD = 4 * 1024 * 1024  # the register frame and the leftover bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,8 +53,7 @@ class Handed:
 
     register: str  # the register frame: the receiver registers it with `admission`
     admission: Admission
-    queued: list[str | bytes]  # frames after it, read but not handled, in order
-    leftover: bytes  # received, not yet parsed
+    leftover: bytes  # received after it, not yet parsed (frames that came after the register)
     tokens: float  # the connection's rate bucket
 
     def encode(self) -> bytes:
@@ -63,7 +62,6 @@ class Handed:
             "register": self.register, "subject": a.identity.subject,
             "digest": a.identity.credential_digest.hex(), "room_id": a.room_id, "echo": a.echo_token,
             "sleap_rtc": a.sleap_rtc, "leftover": base64.b64encode(self.leftover).decode(), "tokens": self.tokens,
-            "queued": [m if isinstance(m, str) else {"b": base64.b64encode(m).decode()} for m in self.queued],
         })
 
     @staticmethod
@@ -71,8 +69,7 @@ class Handed:
         d = orjson.loads(raw)
         admission = Admission(Identity(d["subject"], bytes.fromhex(d["digest"])), d["room_id"], d["echo"],
                               d["sleap_rtc"])
-        queued = [m if isinstance(m, str) else base64.b64decode(m["b"]) for m in d["queued"]]
-        return Handed(d["register"], admission, queued, base64.b64decode(d["leftover"]), float(d["tokens"]))
+        return Handed(d["register"], admission, base64.b64decode(d["leftover"]), float(d["tokens"]))
 
 
 class Hub:
@@ -146,30 +143,23 @@ class Hub:
             conn = Connection(self.ctx, ws)
             conn._bucket.tokens = handed.tokens
             conn.arrival = partial(_arrived, handed=handed)
-            await serve_adopted(ws, lambda _ws: serve_connection(self.ctx, conn))
+            await serve_then_close(ws, serve_connection(self.ctx, conn), DISCONNECT_TIMEOUT)
 
     # --------------------------------------------------------------- giving
     async def move(self, conn: Connection, to: MoveTo, register: str) -> bool:
         """Give `conn` to `to.instance`: True when that process has it now."""
-        frozen = await freeze(conn.ws)
-        if frozen is None:
-            return False  # closing: it ends here
-        if frozen.leftover is None:  # not between frames: read on here
-            return self._kept(conn, frozen)
-        handed = Handed(register, to.admission, frozen.queued, frozen.leftover, conn._bucket.tokens)
+        leftover = take(conn.ws)
+        if leftover is None:
+            return False  # closing, or not between frames: it stays, and reads on here
+        handed = Handed(register, to.admission, leftover, conn._bucket.tokens)
         sent = await self._give(to.instance, conn.ws._stream.socket.fileno(), handed.encode())
         if sent is None:  # it never left, or the sibling gave it back: serve it here
-            return self._kept(conn, frozen)
-        conn.ws._st_freeze.moved = True  # type: ignore[attr-defined]
+            return False
+        let_go(conn.ws)
         self.given += 1
         event(logging.INFO, "handed over", conn=conn.id, to=to.instance, room_id=to.admission.room_id,
-              acknowledged=sent, queued=len(frozen.queued))
+              acknowledged=sent, leftover=len(leftover))
         return True
-
-    def _kept(self, conn: Connection, frozen: Frozen) -> bool:
-        assert conn._nursery is not None
-        thaw(conn.ws, frozen, conn._nursery)
-        return False
 
     async def _give(self, instance: str, fd: int, payload: bytes) -> bool | None:
         """None: not taken (nothing sent, or the sibling closed without a word: it closed
@@ -237,13 +227,11 @@ async def _more(sock: trio.socket.SocketType) -> bytes:
 
 
 async def _arrived(conn: Connection, *, handed: Handed) -> None:
-    """First thing a moved connection does here: register as admitted, then the frames
-    that came after the register, in order; then it reads on."""
+    """First thing a moved connection does here: register as admitted; then it reads on
+    (the frames that came after the register first: they are the leftover bytes)."""
     try:
         conn.registration = await conn.ctx.registrar.enter(conn, parse_register(decode(handed.register)),
                                                            handed.admission)
     except E.ProtocolError as exc:  # (the room is unavailable: the peer is told, as anywhere)
         exc.extra.setdefault("reason", exc.message)
         conn._error(exc)
-    for frame in handed.queued:
-        await conn.handle_frame(frame, conn.settings.max_frame_bytes)

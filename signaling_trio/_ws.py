@@ -31,8 +31,7 @@ from ._actors import Leave, Message
 from ._log import event
 from ._metrics import Metrics
 from ._register import Identity, MoveTo, Registrar, Registration
-from ._wsmove import install, uninstall
-from ._wsfix import send_many  # also: 1007/1002 close frames
+from ._wsfix import DISCONNECT_TIMEOUT, close, read_message, reads_inline, send_many  # also: 1007/1002 close frames
 from .config import Settings
 from .protocol import errors as E
 from .protocol.limits import TokenBucket
@@ -203,8 +202,8 @@ class Connection:
             await self.leave_room()
             code = self.close_code or E.CLOSE_NORMAL
             self.metrics.closes_by_code[code] += 1
-            with nowait.within(2):
-                await self.ws.aclose(code, self.close_reason or None)
+            with nowait.within(DISCONNECT_TIMEOUT):
+                await close(self.ws, code, self.close_reason or None)
         code = self.ws.closed.code if self.ws.closed else code
         event(logging.INFO, "disconnect", conn=self.id, peer_id=self.peer_id, room_id=self.room_id, code=code)
 
@@ -212,10 +211,11 @@ class Connection:
         """Reads frames (the timers are check_timers', called by the sweeper)."""
         max_frame = self.settings.max_frame_bytes
         ws = self.ws
+        read = read_message if reads_inline(ws) else type(ws).get_message  # (_wsfix)
         while True:
             data = None  # an idle connection keeps no frame alive (a register's id_token)
             try:
-                data = await ws.get_message()
+                data = await read(ws)
             except ConnectionClosed:
                 return
             await self.handle_frame(data, max_frame)
@@ -351,7 +351,8 @@ class Connection:
         mover = self.ctx.mover
         try:
             req = parse_register(msg)
-            got = await self.ctx.registrar.register(self, req, movable=mover is not None and self.identity is None)
+            movable = mover is not None and self.identity is None and reads_inline(self.ws)  # (_wsmove.take)
+            got = await self.ctx.registrar.register(self, req, movable=movable)
             if isinstance(got, MoveTo):
                 assert mover is not None and self._nursery is not None
                 if await mover(self, got, raw):
@@ -365,8 +366,6 @@ class Connection:
             exc.extra.setdefault("reason", exc.message)  # v1 clients read "reason"
             self._error(exc)
         finally:
-            if not self.moved:
-                uninstall(self.ws)  # moves happen at a first register only: plain reads from now on
             if held is not None:
                 await self._send_held(held)
 
@@ -476,8 +475,6 @@ async def handle_request(ctx: WsContext, request: WebSocketRequest) -> None:
     if ws is None:
         return  # gone, or the 101 was not taken in time
     conn = Connection(ctx, ws)
-    if ctx.mover is not None:
-        install(ws)  # its first register may move it to the sibling that owns the room
     await serve_connection(ctx, conn)
 
 

@@ -1,5 +1,5 @@
 """Additions to trio-websocket: two changes applied on import (idempotent), a batched
-send, and the server side of a connection's handshake.
+send, the server side of a connection's handshake, and reading in the handler's task.
 
 `handle_connection(server, stream)`: what `WebSocketServer` does with an accepted stream
 (trio-websocket 0.12's `_handle_connection`, same steps), except that a client that
@@ -7,6 +7,16 @@ closes before its handshake request is complete releases the descriptor at once:
 trio-websocket it is held until `connect_timeout`, so a burst of abandoned handshakes
 kept the process out of descriptors for that long.
 `tests/test_http_attacks.py::test_abandoned_ws_handshakes_release_at_once` fails if this stops working.
+
+`read_message(ws)`: a connection answered by `_wshandshake` (every usual client) has no
+reader task: its handler reads frames itself, with trio-websocket's own event handlers
+for pings, pongs and closes, and `close(ws)` reads on until the peer answers a close.
+trio-websocket's reader task and queue cost a task switch per message (reader, then
+handler) and a task per connection; a relay of small messages ran 1.8x faster without
+them (docs/PERFORMANCE.md). It also means nothing reads while the handler handles a
+frame: a connection's bytes after its register wait unparsed, which is what lets
+`_wsmove` hand it to another process without stopping anything. Requests that wsproto
+answers (`fast_key` refused them) keep trio-websocket's reader and `get_message`.
 
 `send_many(ws, texts)`: frames that wait in a peer's outbox together go out in one
 `send_all` (one syscall) instead of one each, under the stream lock taken without a
@@ -28,16 +38,20 @@ with two memory fixes, since an idle registered peer is what a server holds most
   quiet. Ours lets go of both before it waits.
 - trio-websocket builds a dict of nine bound methods per connection to dispatch events;
   ours looks the handler up by name on a shared table.
-Only installed on the trio-websocket versions it was read against (`_READER_FOR`);
+`read_message` shares its handler table and `_receive`, and returns from its loop with
+the message, so it holds nothing either. Only installed, and only read inline, on the
+trio-websocket versions it was read against (`_READER_FOR`);
 `tests/test_limits.py::test_idle_connection_keeps_no_frame` fails if it stops working.
 """
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
+
 import trio
 import trio_websocket
 import wsproto.utilities
-from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketServer
+from trio_websocket import CloseReason, ConnectionClosed, WebSocketConnection, WebSocketServer
 
 from wsproto import ConnectionType, WSConnection
 from wsproto.connection import Connection as WsprotoConnection
@@ -60,6 +74,7 @@ from ._wshandshake import MAX_HEAD, accept_response, fast_key
 # frames read ahead per connection: a few mean fewer task switches between
 # trio-websocket's reader and ours under load (every connection, moved ones too)
 MESSAGE_QUEUE_SIZE = 8
+DISCONNECT_TIMEOUT = 2.0  # seconds a closing connection waits for the peer's close frame
 
 _original = WebSocketConnection._handle_close_connection_event
 
@@ -114,16 +129,9 @@ async def _handle_events(self: WebSocketConnection) -> None:
 
 
 async def _receive(self: WebSocketConnection) -> bool:
-    """Feed wsproto the next bytes; False when the stream has ended (or the reader was
-    stopped to move the connection to another process: `_wsmove`)."""
-    freeze = self.__dict__.get("_st_freeze")
+    """Feed wsproto the next bytes; False when the stream has ended."""
     try:
-        if freeze is None:
-            data = await self._stream.receive_some(self._receive_buffer_size)
-        else:
-            data = await freeze.receive(self)
-            if data is None:
-                return False
+        data = await self._stream.receive_some(self._receive_buffer_size)
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         await self._abort_web_socket()
         return False
@@ -139,6 +147,86 @@ async def _receive(self: WebSocketConnection) -> bool:
                 await self._send(err.event_hint)
             await self._close_stream()
     return True
+
+def reads_inline(ws: WebSocketConnection) -> bool:
+    """True for a connection read with `read_message` (no reader task, no queue)."""
+    return ws.__dict__.get("_st_inline", False)
+
+
+def let_go(ws: WebSocketConnection) -> None:
+    """Another process has this connection's socket now: close nothing of it here."""
+    ws._st_moved = True  # type: ignore[attr-defined]
+
+
+async def read_message(ws: WebSocketConnection) -> str | bytes:
+    """The next message, read in the caller's own task: what trio-websocket's reader task
+    and `get_message` do together, without the task switch between them per message.
+    Ping, pong and close frames are handled as the reader task handles them.
+    Raises ConnectionClosed once the connection has ended."""
+    message = await _next_message(ws)
+    if message is None:
+        raise ConnectionClosed(ws._close_reason)
+    return message
+
+
+async def _next_message(ws: WebSocketConnection) -> str | bytes | None:
+    """Events handled until a whole message (returned) or the connection's end (None)."""
+    while ws._reader_running:
+        for event in ws._wsproto.events():
+            kind = type(event)
+            if kind is TextMessage or kind is BytesMessage:
+                message = await _assemble(ws, event)  # type: ignore[arg-type]
+                if message is not None:
+                    return message
+            elif (name := _HANDLERS.get(kind)) is not None:
+                try:
+                    await getattr(ws, name)(event)
+                except ConnectionClosed:
+                    return None
+            if not ws._reader_running:
+                return None
+        if not await _receive(ws):
+            return None
+    return None
+
+
+async def _assemble(ws: WebSocketConnection, event: TextMessage | BytesMessage) -> str | bytes | None:
+    """A message's frames put together (None until its last), within max_message_size;
+    past it, trio-websocket's own handler closes the connection with 1009."""
+    data = event.data
+    size = ws._message_size + len(data)
+    if size > ws._max_message_size:
+        await ws._handle_message_event(event)  # (stops reading: _reader_running is False)
+        return None
+    if not event.message_finished:
+        ws._message_size = size
+        ws._message_parts.append(data)
+        return None
+    if not ws._message_parts:
+        return data
+    parts, ws._message_parts, ws._message_size = ws._message_parts, [], 0
+    parts.append(data)
+    return b"".join(parts) if isinstance(data, (bytes, bytearray)) else "".join(parts)
+
+
+async def close(ws: WebSocketConnection, code: int = 1000, reason: str | None = None) -> None:
+    """`aclose`, also for a connection read inline: the close frame, then the peer's
+    messages read (and dropped) until its close answers ours, as a reader task would;
+    the stream closed in any case."""
+    if not reads_inline(ws):
+        await ws.aclose(code, reason)
+        return
+    try:
+        if ws._close_reason is None and ws._wsproto.state == ConnectionState.OPEN:
+            ws._close_reason = CloseReason(1000, None)
+            await ws._send(CloseConnection(code=code, reason=reason))
+            while not ws._close_handshake.is_set() and await _next_message(ws) is not None:
+                pass
+    except ConnectionClosed:
+        pass
+    finally:
+        await ws._close_stream()
+
 
 if not getattr(WebSocketConnection, "_signaling_trio_fix", False):
     WebSocketConnection._handle_close_connection_event = _handle_close_connection_event  # type: ignore[method-assign]
@@ -188,33 +276,37 @@ async def handle_connection(server: WebSocketServer, stream: trio.SocketStream) 
         return  # closed, or nothing in time: the caller closes the stream
     end = head.find(b"\r\n\r\n") + 4
     key = fast_key(head[:end]) if end >= 4 else None
-    async with trio.open_nursery() as nursery:
-        if key is not None:  # the usual request: answered here (_wshandshake)
-            connection = open_connection(stream, head[end:], message_queue_size=server._message_queue_size,
-                                         max_message_size=server._max_message_size)
-            request: object = _Accepted(connection, accept_response(key), nursery)
-        else:  # anything else: wsproto reads it (from the bytes already read) and decides
-            connection = WebSocketConnection(
-                stream, WSConnection(ConnectionType.SERVER), message_queue_size=server._message_queue_size,
-                max_message_size=server._max_message_size, receive_buffer_size=server._receive_buffer_size)
-            connection._wsproto.receive_data(head)
-            nursery.start_soon(_read_then_give_up, connection)
-            request = None
-            with nowait.within(server._connect_timeout):
-                request = await connection._get_request()
-            if request is None or request is _ABANDONED:
-                nursery.cancel_scope.cancel()
-                await stream.aclose()
-                return
-        try:
-            await server._handler(request)
-        finally:
-            freeze = connection.__dict__.get("_st_freeze")
-            if freeze is None or not freeze.moved:  # (a moved connection is another process's now)
-                with nowait.within(server._disconnect_timeout):
-                    await connection.aclose()
-            else:
-                nursery.cancel_scope.cancel()
+    if key is not None:  # the usual request: answered here (_wshandshake), read inline
+        connection = open_connection(stream, head[end:], message_queue_size=server._message_queue_size,
+                                     max_message_size=server._max_message_size)
+        await serve_then_close(connection, server._handler(_Accepted(connection, accept_response(key))),
+                               server._disconnect_timeout)
+        return
+    async with trio.open_nursery() as nursery:  # anything else: wsproto reads it and decides
+        connection = WebSocketConnection(
+            stream, WSConnection(ConnectionType.SERVER), message_queue_size=server._message_queue_size,
+            max_message_size=server._max_message_size, receive_buffer_size=server._receive_buffer_size)
+        connection._wsproto.receive_data(head)
+        nursery.start_soon(_read_then_give_up, connection)  # (trio-websocket's reader, from here on)
+        request = None
+        with nowait.within(server._connect_timeout):
+            request = await connection._get_request()
+        if request is None or request is _ABANDONED:
+            nursery.cancel_scope.cancel()
+            await stream.aclose()
+            return
+        await serve_then_close(connection, server._handler(request), server._disconnect_timeout)
+
+
+async def serve_then_close(ws: WebSocketConnection, handler: Awaitable[None], timeout: float) -> None:
+    """The connection's handler, then its close (the peer's answer awaited for `timeout`
+    at most), unless it moved to another process (`let_go`)."""
+    try:
+        await handler
+    finally:
+        if not ws.__dict__.get("_st_moved"):
+            with nowait.within(timeout):
+                await close(ws)
 
 
 async def _read_head(stream: trio.SocketStream) -> bytes:
@@ -234,28 +326,29 @@ async def _read_head(stream: trio.SocketStream) -> bytes:
 
 class _Accepted:
     """What `WebSocketRequest` is to the handler (`accept()` is all it calls), for a
-    request answered by _wshandshake: accept sends the 101, then starts the reader."""
+    request answered by _wshandshake: accept sends the 101; no reader task is started,
+    the handler reads with `read_message`."""
 
-    def __init__(self, ws: WebSocketConnection, response: bytes, nursery: trio.Nursery) -> None:
-        self.ws, self.response, self.nursery = ws, response, nursery
+    def __init__(self, ws: WebSocketConnection, response: bytes) -> None:
+        self.ws, self.response = ws, response
 
     async def accept(self) -> WebSocketConnection:
         ws = self.ws
         await send_raw(ws, self.response)
         ws._open_handshake.set()
-        self.nursery.start_soon(_reader_task, ws)
         return ws
 
 
 def open_connection(stream: trio.SocketStream, leftover: bytes, *, message_queue_size: int,
                     max_message_size: int) -> WebSocketConnection:
     """A server connection past its handshake: OPEN, no extensions (trio-websocket
-    negotiates none), `leftover` received and not yet parsed. Its reader is not started."""
+    negotiates none), `leftover` received and not yet parsed; read inline (`read_message`)."""
     wsc = WSConnection(ConnectionType.SERVER)
     wsc.connection = WsprotoConnection(ConnectionType.SERVER, extensions=[], trailing_data=leftover)
     ws = WebSocketConnection(stream, wsc, path="/", message_queue_size=message_queue_size,
                              max_message_size=max_message_size)
     ws._connection_proposal = None
+    ws._st_inline = True  # type: ignore[attr-defined]
     return ws
 
 

@@ -43,7 +43,7 @@ from ._router import LocalRouter, RoomRouter
 from ._status import StatusHistory
 from ._version import __version__
 from ._ws import LiveConnections, WsContext, handle_request, sweep_connections
-from ._wsfix import MESSAGE_QUEUE_SIZE, handle_connection
+from ._wsfix import DISCONNECT_TIMEOUT, MESSAGE_QUEUE_SIZE, handle_connection
 from .accounts import Accounts
 from .auth import EitherIssuer, LocalAuthority, Verifier
 from .cluster import Cluster, RedisTransport
@@ -241,7 +241,7 @@ class SignalingServer:
                 message_queue_size=MESSAGE_QUEUE_SIZE,
                 max_message_size=max(HARD_MAX_FRAME, s.max_frame_bytes),
                 connect_timeout=10,
-                disconnect_timeout=2,
+                disconnect_timeout=DISCONNECT_TIMEOUT,
             )
             ws_scope = trio.CancelScope()
 

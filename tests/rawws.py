@@ -24,9 +24,9 @@ async def raw_connect(port: int, *, extra_headers: list[tuple[bytes, bytes]] | N
                 return stream
 
 
-def frame(opcode: int, payload: bytes) -> bytes:
-    """One masked client frame, FIN set."""
-    head = bytes([0x80 | opcode])
+def frame(opcode: int, payload: bytes, *, fin: bool = True) -> bytes:
+    """One masked client frame (FIN set unless `fin` is False: a message's first frames)."""
+    head = bytes([(0x80 if fin else 0) | opcode])
     n = len(payload)
     if n < 126:
         head += bytes([0x80 | n])

@@ -1,0 +1,83 @@
+"""A connection read in its handler's own task (`_wsfix.read_message`), over raw sockets:
+what trio-websocket's reader task did for it still happens (fragments put together, pings
+answered between them, size limit, both close handshakes), without that task."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import trio
+
+from rawws import frame, raw_connect, read_until_closed
+from signaling_trio.testing import open_test_server
+
+
+def server_frames(buf: bytes) -> list[tuple[int, bytes]]:
+    """The (opcode, payload) of the server's (unmasked) frames in `buf`, as far as complete."""
+    frames, i = [], 0
+    while i + 2 <= len(buf):
+        op, n, j = buf[i] & 0x0F, buf[i + 1] & 0x7F, i + 2
+        if n == 126:
+            n, j = struct.unpack("!H", buf[j:j + 2])[0], j + 2
+        elif n == 127:
+            n, j = struct.unpack("!Q", buf[j:j + 8])[0], j + 8
+        if j + n > len(buf):
+            break
+        frames.append((op, buf[j:j + n]))
+        i = j + n
+    return frames
+
+
+async def read_frames(stream: trio.SocketStream, count: int) -> list[tuple[int, bytes]]:
+    buf = b""
+    with trio.fail_after(5):
+        while len(server_frames(buf)) < count:
+            data = await stream.receive_some(65536)
+            assert data, "closed early"
+            buf += data
+    return server_frames(buf)
+
+
+async def test_a_fragmented_message_with_a_ping_between_its_frames(server):
+    stream = await raw_connect(server.server.info.ws_port)
+    await stream.send_all(frame(0x1, b'{"type"', fin=False) + frame(0x9, b"mid") + frame(0x0, b': "pi', fin=False)
+                          + frame(0x0, b'ng"}'))
+    got = await read_frames(stream, 2)
+    assert got[0] == (0xA, b"mid")  # the pong comes first: the message is not complete before it
+    assert got[1][0] == 0x1 and json.loads(got[1][1]) == {"type": "pong"}
+    await stream.aclose()
+
+
+async def test_a_fragmented_message_over_the_size_limit_closes_1009():
+    async with open_test_server() as srv:
+        stream = await raw_connect(srv.server.info.ws_port)
+        chunk = b"x" * (512 * 1024)
+        await stream.send_all(frame(0x1, chunk, fin=False) + frame(0x0, chunk, fin=False) + frame(0x0, b"xx"))
+        _, code = await read_until_closed(stream)
+        assert code == 1009
+        assert (await srv.http("GET", "/health"))[0] == 200
+
+
+async def test_a_close_from_the_server_ends_when_the_peer_answers():
+    """The server closes (register timeout); the peer answers its close frame, and the
+    server, reading that answer, closes the TCP connection then, not when its wait for
+    the answer (2 s) runs out."""
+    async with open_test_server(register_timeout=0.3) as srv:
+        stream = await raw_connect(srv.server.info.ws_port)
+        got = await read_frames(stream, 1)
+        assert got[0][0] == 0x8 and struct.unpack("!H", got[0][1][:2])[0] == 1008
+        await stream.send_all(frame(0x8, struct.pack("!H", 1000)))
+        with trio.fail_after(1.5):  # (the 2 s wait would end it too, later)
+            while await stream.receive_some(65536):
+                pass
+        assert srv.server.metrics.closes_by_code[1008] == 1
+
+
+async def test_a_close_from_the_peer_is_answered(server):
+    stream = await raw_connect(server.server.info.ws_port)
+    await stream.send_all(frame(0x1, b'{"type": "ping"}'))
+    assert json.loads((await read_frames(stream, 1))[0][1]) == {"type": "pong"}
+    await stream.send_all(frame(0x8, struct.pack("!H", 4000) + b"bye"))
+    data, code = await read_until_closed(stream)
+    assert [op for op, _ in server_frames(data)] == [0x8] and code == 4000  # its code, echoed
