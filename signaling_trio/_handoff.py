@@ -36,7 +36,7 @@ import trio
 from ._log import event
 from ._register import Admission, Identity, MoveTo
 from ._ws import Connection, WsContext, serve_connection
-from ._wsfix import DISCONNECT_TIMEOUT, MESSAGE_QUEUE_SIZE, let_go, serve_then_close
+from ._wsfix import DISCONNECT_TIMEOUT, let_go, serve_then_close
 from ._wsmove import adopt, take
 from .protocol import errors as E
 from .protocol.messages import decode
@@ -138,8 +138,7 @@ class Hub:
     async def _serve(self, stream: trio.SocketStream, handed: Handed) -> None:
         s = self.ctx.settings
         async with stream:
-            ws = adopt(stream, handed.leftover, message_queue_size=MESSAGE_QUEUE_SIZE,
-                       max_message_size=s.max_frame_bytes)
+            ws = adopt(stream, handed.leftover, max_message_size=s.ws_max_message_bytes)
             conn = Connection(self.ctx, ws)
             conn._bucket.tokens = handed.tokens
             conn.arrival = partial(_arrived, handed=handed)

@@ -1,22 +1,30 @@
-"""Additions to trio-websocket: two changes applied on import (idempotent), a batched
-send, the server side of a connection's handshake, and reading in the handler's task.
+"""Additions to trio-websocket: a change applied on import (idempotent), a batched send,
+the server side of a connection's handshake, and reading in the handler's own task.
+Read against trio-websocket 0.12 and wsproto 1.2/1.3 (`_READ_AGAINST`: on any other
+trio-websocket version, `handle_connection` is trio-websocket's own, reader task and all).
 
 `handle_connection(server, stream)`: what `WebSocketServer` does with an accepted stream
-(trio-websocket 0.12's `_handle_connection`, same steps), except that a client that
-closes before its handshake request is complete releases the descriptor at once: in
-trio-websocket it is held until `connect_timeout`, so a burst of abandoned handshakes
-kept the process out of descriptors for that long.
-`tests/test_http_attacks.py::test_abandoned_ws_handshakes_release_at_once` fails if this stops working.
+(trio-websocket 0.12's `_handle_connection`), except that:
+- a client that closes before its handshake request is complete releases the descriptor
+  at once: in trio-websocket it is held until `connect_timeout`, so a burst of abandoned
+  handshakes kept the process out of descriptors for that long
+  (`tests/test_http_attacks.py::test_abandoned_ws_handshakes_release_at_once`);
+- the usual request is answered by `_wshandshake`; anything else by wsproto, read in the
+  same task (`_read_request`), which refuses what it refuses as before;
+- no reader task and no message queue: the handler reads with `read_message`.
 
-`read_message(ws)`: a connection answered by `_wshandshake` (every usual client) has no
-reader task: its handler reads frames itself, with trio-websocket's own event handlers
-for pings, pongs and closes, and `close(ws)` reads on until the peer answers a close.
-trio-websocket's reader task and queue cost a task switch per message (reader, then
-handler) and a task per connection; a relay of small messages in one room ran 2.1x
-faster without them (docs/PERFORMANCE.md). It also means nothing reads while the handler handles a
-frame: a connection's bytes after its register wait unparsed, which is what lets
-`_wsmove` hand it to another process without stopping anything. Requests that wsproto
-answers (`fast_key` refused them) keep trio-websocket's reader and `get_message`.
+`read_message(ws)`: frames read, fed to wsproto and handled in the handler's task, with
+trio-websocket's own event handlers for pings, pongs and closes (and its 1009 past the
+size limit); `close(ws)` sends the close frame and reads on until the peer answers, as
+the reader task did. trio-websocket's reader task and queue cost a task switch per
+message (reader, then handler) and a task per connection; a relay of small messages in
+one room ran 2.1x faster without them (docs/PERFORMANCE.md). And nothing reads while
+the handler handles a frame: a connection's bytes after its register wait unparsed,
+which is what lets `_wsmove` hand it to another process without stopping anything.
+An idle peer holds no frame: `read_message` returns from its loop with the message and
+keeps no chunk or event bound while it waits (trio-websocket's reader kept an idle peer's
+register frame, id_token and all, twice: bytes and text;
+`tests/test_limits.py::test_idle_connection_keeps_no_frame` fails if that comes back).
 
 `send_many(ws, texts)`: frames that wait in a peer's outbox together go out in one
 `send_all` (one syscall) instead of one each, under the stream lock taken without a
@@ -29,19 +37,6 @@ malformed frame: 1002), trio-websocket 0.12 drops the TCP connection without sen
 close frame, so the peer never learns why. RFC 6455 allows that, but our SPEC promises
 the code: send the close frame first, then let trio-websocket finish as before.
 `tests/test_limits.py::test_invalid_utf8_closes_1007` fails if this stops working.
-
-The reader task (trio-websocket 0.12's `_reader_task`, same steps in the same order)
-with two memory fixes, since an idle registered peer is what a server holds most of:
-- trio-websocket's loop keeps its last event and last received chunk bound while it
-  waits for the next one: an idle peer's register frame (with its id_token, a kilobyte or
-  more, twice: the bytes and the decoded text) stayed alive as long as the peer stayed
-  quiet. Ours lets go of both before it waits.
-- trio-websocket builds a dict of nine bound methods per connection to dispatch events;
-  ours looks the handler up by name on a shared table.
-`read_message` shares its handler table and `_receive`, and returns from its loop with
-the message, so it holds nothing either. Only installed, and only read inline, on the
-trio-websocket versions it was read against (`_READER_FOR`);
-`tests/test_limits.py::test_idle_connection_keeps_no_frame` fails if it stops working.
 """
 
 from __future__ import annotations
@@ -51,19 +46,16 @@ from collections.abc import Awaitable
 import trio
 import trio_websocket
 import wsproto.utilities
-from trio_websocket import CloseReason, ConnectionClosed, WebSocketConnection, WebSocketServer
+from trio_websocket import CloseReason, ConnectionClosed, WebSocketConnection, WebSocketRequest, WebSocketServer
 
 from wsproto import ConnectionType, WSConnection
 from wsproto.connection import Connection as WsprotoConnection
 from wsproto.connection import ConnectionState
 from wsproto.events import (
-    AcceptConnection,
     BytesMessage,
     CloseConnection,
     Ping,
     Pong,
-    RejectConnection,
-    RejectData,
     Request,
     TextMessage,
 )
@@ -71,9 +63,6 @@ from wsproto.events import (
 from . import _nowait as nowait
 from ._wshandshake import MAX_HEAD, accept_response, fast_key
 
-# frames read ahead per connection: a few mean fewer task switches between
-# trio-websocket's reader and ours under load (every connection, moved ones too)
-MESSAGE_QUEUE_SIZE = 8
 DISCONNECT_TIMEOUT = 2.0  # seconds a closing connection waits for the peer's close frame
 
 _original = WebSocketConnection._handle_close_connection_event
@@ -88,69 +77,51 @@ async def _handle_close_connection_event(self: WebSocketConnection, event: Close
     await _original(self, event)
 
 
-_READER_FOR = {"0.12.0", "0.12.1", "0.12.2"}
+_READ_AGAINST = {"0.12.0", "0.12.1", "0.12.2"}  # the trio-websocket versions this module was read against
+# what an open connection's events call (messages are put together by `_assemble`)
 _HANDLERS = {
-    AcceptConnection: "_handle_accept_connection_event",
-    BytesMessage: "_handle_message_event",
     CloseConnection: "_handle_close_connection_event",
     Ping: "_handle_ping_event",
     Pong: "_handle_pong_event",
-    RejectConnection: "_handle_reject_connection_event",
-    RejectData: "_handle_reject_data_event",
-    Request: "_handle_request_event",
-    TextMessage: "_handle_message_event",
 }
 
 
-async def _reader_task(self: WebSocketConnection) -> None:
-    """trio-websocket's reader task, holding nothing between frames (see above)."""
-    if self._initial_request:  # clients initiate the opening handshake
-        try:
-            await self._send(self._initial_request)
-        except ConnectionClosed:
-            self._reader_running = False
-    async with self._send_channel:
-        while self._reader_running:
-            await _handle_events(self)
-            if not await _receive(self):
-                break
-
-
-async def _handle_events(self: WebSocketConnection) -> None:
-    for event in self._wsproto.events():
-        name = _HANDLERS.get(type(event))
-        if name is None:
-            continue  # (trio-websocket logs a warning; wsproto has no other events)
-        try:
-            await getattr(self, name)(event)
-        except ConnectionClosed:
-            self._reader_running = False
-            return
-
-
-async def _receive(self: WebSocketConnection) -> bool:
+async def _receive(ws: WebSocketConnection) -> bool:
     """Feed wsproto the next bytes; False when the stream has ended."""
     try:
-        data = await self._stream.receive_some(self._receive_buffer_size)
+        data = await ws._stream.receive_some(ws._receive_buffer_size)
     except (trio.BrokenResourceError, trio.ClosedResourceError):
-        await self._abort_web_socket()
+        await ws._abort_web_socket()
         return False
     if len(data) == 0:  # TCP closed (before the WebSocket, if not CLOSED: abnormal)
-        if self._wsproto.state != ConnectionState.CLOSED:
-            await self._abort_web_socket()
+        if ws._wsproto.state != ConnectionState.CLOSED:
+            await ws._abort_web_socket()
         return False
-    if self._wsproto.state != ConnectionState.CLOSED:
-        try:
-            self._wsproto.receive_data(data)
-        except wsproto.utilities.RemoteProtocolError as err:
-            if err.event_hint:
-                await self._send(err.event_hint)
-            await self._close_stream()
+    if ws._wsproto.state != ConnectionState.CLOSED:
+        await _feed(ws, data)
     return True
 
 
+async def _feed(ws: WebSocketConnection, data: bytes) -> bool:
+    """`data` to wsproto; False when it refused them (its answer sent, if it has one, and
+    the stream closed), as trio-websocket's reader does."""
+    try:
+        ws._wsproto.receive_data(data)
+    except wsproto.utilities.RemoteProtocolError as err:
+        if err.event_hint:
+            await ws._send(err.event_hint)
+        await ws._close_stream()
+        return False
+    return True
+
+
+def _read_inline(ws: WebSocketConnection) -> None:
+    ws._st_inline = True  # type: ignore[attr-defined]
+
+
 def reads_inline(ws: WebSocketConnection) -> bool:
-    """True for a connection read with `read_message` (no reader task, no queue)."""
+    """True for a connection read with `read_message` (no reader task, no queue): every
+    server connection `handle_connection` serves."""
     return ws.__dict__.get("_st_inline", False)
 
 
@@ -231,8 +202,6 @@ async def close(ws: WebSocketConnection, code: int = 1000, reason: str | None = 
 
 if not getattr(WebSocketConnection, "_signaling_trio_fix", False):
     WebSocketConnection._handle_close_connection_event = _handle_close_connection_event  # type: ignore[method-assign]
-    if trio_websocket.__version__ in _READER_FOR:
-        WebSocketConnection._reader_task = _reader_task  # type: ignore[method-assign]
     WebSocketConnection._signaling_trio_fix = True  # type: ignore[attr-defined]
 
 
@@ -263,11 +232,9 @@ async def send_raw(ws: WebSocketConnection, data: bytes) -> None:
         lock.release()
 
 
-_ABANDONED = object()  # the handshake "request" of a client that closed before sending one
-
 
 async def handle_connection(server: WebSocketServer, stream: trio.SocketStream) -> None:
-    if trio_websocket.__version__ not in _READER_FOR:
+    if trio_websocket.__version__ not in _READ_AGAINST:
         await server._handle_connection(stream)
         return
     head = b""
@@ -278,25 +245,38 @@ async def handle_connection(server: WebSocketServer, stream: trio.SocketStream) 
     end = head.find(b"\r\n\r\n") + 4
     key = fast_key(head[:end]) if end >= 4 else None
     if key is not None:  # the usual request: answered here (_wshandshake), read inline
-        connection = open_connection(stream, head[end:], message_queue_size=server._message_queue_size,
-                                     max_message_size=server._max_message_size)
+        connection = open_connection(stream, head[end:], max_message_size=server._max_message_size)
         await serve_then_close(connection, server._handler(_Accepted(connection, accept_response(key))),
                                server._disconnect_timeout)
         return
-    async with trio.open_nursery() as nursery:  # anything else: wsproto reads it and decides
-        connection = WebSocketConnection(
-            stream, WSConnection(ConnectionType.SERVER), message_queue_size=server._message_queue_size,
-            max_message_size=server._max_message_size, receive_buffer_size=server._receive_buffer_size)
-        connection._wsproto.receive_data(head)
-        nursery.start_soon(_read_then_give_up, connection)  # (trio-websocket's reader, from here on)
-        request = None
-        with nowait.within(server._connect_timeout):
-            request = await connection._get_request()
-        if request is None or request is _ABANDONED:
-            nursery.cancel_scope.cancel()
-            await stream.aclose()
-            return
-        await serve_then_close(connection, server._handler(request), server._disconnect_timeout)
+    # anything else: wsproto reads it and decides (and the connection is read inline too)
+    connection = WebSocketConnection(stream, WSConnection(ConnectionType.SERVER),
+                                     max_message_size=server._max_message_size,
+                                     receive_buffer_size=server._receive_buffer_size)
+    _read_inline(connection)
+    request = None
+    with nowait.within(server._connect_timeout):
+        request = await _read_request(connection, head)
+    if request is None:
+        return  # refused (wsproto's answer sent), closed, or not complete in time
+    await serve_then_close(connection, server._handler(request), server._disconnect_timeout)
+
+
+async def _read_request(ws: WebSocketConnection, head: bytes) -> WebSocketRequest | None:
+    """The handshake request as wsproto reads it (from `head`, and more bytes if it needs
+    them): the proposal the handler accepts, or None when wsproto refused it or the
+    client left. Bytes after the request stay in wsproto for the open connection."""
+    try:
+        if await _feed(ws, head):
+            while True:
+                for event in ws._wsproto.events():
+                    if isinstance(event, Request):
+                        return WebSocketRequest(ws, event)
+                if not await _receive(ws) or not ws._reader_running:
+                    break
+    except ConnectionClosed:  # (its refusal could not be sent)
+        pass
+    return None
 
 
 async def serve_then_close(ws: WebSocketConnection, handler: Awaitable[None], timeout: float) -> None:
@@ -340,21 +320,12 @@ class _Accepted:
         return ws
 
 
-def open_connection(stream: trio.SocketStream, leftover: bytes, *, message_queue_size: int,
-                    max_message_size: int) -> WebSocketConnection:
+def open_connection(stream: trio.SocketStream, leftover: bytes, *, max_message_size: int) -> WebSocketConnection:
     """A server connection past its handshake: OPEN, no extensions (trio-websocket
     negotiates none), `leftover` received and not yet parsed; read inline (`read_message`)."""
     wsc = WSConnection(ConnectionType.SERVER)
     wsc.connection = WsprotoConnection(ConnectionType.SERVER, extensions=[], trailing_data=leftover)
-    ws = WebSocketConnection(stream, wsc, path="/", message_queue_size=message_queue_size,
-                             max_message_size=max_message_size)
+    ws = WebSocketConnection(stream, wsc, path="/", max_message_size=max_message_size)
     ws._connection_proposal = None
-    ws._st_inline = True  # type: ignore[attr-defined]
+    _read_inline(ws)
     return ws
-
-
-async def _read_then_give_up(connection: WebSocketConnection) -> None:
-    await connection._reader_task()
-    proposal = connection._connection_proposal
-    if proposal is not None and not proposal._value_event.is_set():
-        proposal.set_value(_ABANDONED)  # type: ignore[arg-type]

@@ -40,11 +40,9 @@ def take(ws: WebSocketConnection) -> bytes | None:
     return bytes(decoder.buffer.buffer[decoder.buffer.bytes_used:])
 
 
-def adopt(stream: trio.SocketStream, leftover: bytes, *, message_queue_size: int,
-          max_message_size: int) -> WebSocketConnection:
+def adopt(stream: trio.SocketStream, leftover: bytes, *, max_message_size: int) -> WebSocketConnection:
     """A connection another process accepted: OPEN, no extensions, `leftover` unparsed,
     read inline."""
-    ws = open_connection(stream, leftover, message_queue_size=message_queue_size,
-                         max_message_size=max_message_size)
+    ws = open_connection(stream, leftover, max_message_size=max_message_size)
     ws._open_handshake.set()
     return ws

@@ -17,6 +17,9 @@ class ConfigError(Exception):
     """Bad configuration: the CLI prints the message as one line and exits 2."""
 
 
+HARD_MAX_FRAME = 1024 * 1024  # the least a WebSocket message may reach before 1009
+
+
 @dataclass(frozen=True)
 class Settings:
     host: str = "0.0.0.0"
@@ -71,6 +74,12 @@ class Settings:
         if self.auth == "local":
             return "open"
         return "oidc" if self.login_client_id else "off"
+
+    @property
+    def ws_max_message_bytes(self) -> int:
+        """Past this a WebSocket message closes its connection (1009); between
+        max_frame_bytes and this it is answered MESSAGE_TOO_LARGE instead."""
+        return max(HARD_MAX_FRAME, self.max_frame_bytes)
 
     @property
     def operator_subjects(self) -> frozenset[str]:

@@ -43,7 +43,7 @@ from ._router import LocalRouter, RoomRouter
 from ._status import StatusHistory
 from ._version import __version__
 from ._ws import LiveConnections, WsContext, handle_request, sweep_connections
-from ._wsfix import DISCONNECT_TIMEOUT, MESSAGE_QUEUE_SIZE, handle_connection
+from ._wsfix import DISCONNECT_TIMEOUT, handle_connection
 from .accounts import Accounts
 from .auth import EitherIssuer, LocalAuthority, Verifier
 from .cluster import Cluster, RedisTransport
@@ -58,7 +58,6 @@ from .store.redis import RedisStore
 PURGE_INTERVAL = 300.0
 EXPIRED_GRACE = 86400.0  # an expired room answers ROOM_EXPIRED for a day, then is purged
 LOGIN_TOKEN_LIFETIME = 7 * 86400  # a JWT from the login page (sleap-rtc keeps it in credentials.json)
-HARD_MAX_FRAME = 1024 * 1024  # beyond this trio-websocket closes with 1009
 
 
 @dataclass(frozen=True)
@@ -238,8 +237,7 @@ class SignalingServer:
                 partial(handle_request, ws_context),
                 [ws_listener],  # accepted by serve_listener, not ws_server.run
                 handler_nursery=root,
-                message_queue_size=MESSAGE_QUEUE_SIZE,
-                max_message_size=max(HARD_MAX_FRAME, s.max_frame_bytes),
+                max_message_size=s.ws_max_message_bytes,
                 connect_timeout=10,
                 disconnect_timeout=DISCONNECT_TIMEOUT,
             )

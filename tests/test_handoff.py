@@ -74,6 +74,11 @@ async def test_a_moved_connection_re_registers_and_is_answered_by_its_new_proces
             await client.send({"type": "offer", "target": "gpu", "sdp": "v=0"})
             assert (await worker.recv_type("offer"))["sender"] == "laptop"
             assert b.server.hub.given == 1 and a.server.hub.taken == 1
+            # its frame limits are the same as anywhere: past max_frame_bytes (64 KiB) an
+            # error, the connection kept; past 1 MiB a close (1009)
+            err = await client.request({"type": "peer_message", "to_peer_id": "gpu", "payload": "x" * 100_000})
+            assert err["code"] == "MESSAGE_TOO_LARGE"
+            assert (await client.request({"type": "ping"}))["type"] == "pong"
         # a room B owns keeps B's peers at B
         other = await b.new_room()
         async with ws_peer(b.ws_url) as p, ws_peer(a.ws_url) as q:

@@ -245,9 +245,9 @@ async def test_no_frame_waits_for_a_writer_that_lingered_out(monkeypatch, server
 
 
 async def test_idle_connection_keeps_no_frame(server, room):
-    """Once handled, a frame is not kept alive by a connection that goes quiet: neither by
-    our reader nor by trio-websocket's (which kept its last chunk and event until the next
-    one arrived; signaling_trio/_wsfix.py replaces it). 32 peers each send one 3.5 kB frame
+    """Once handled, a frame is not kept alive by a connection that goes quiet (trio-websocket's
+    reader task kept its last chunk and event until the next one arrived; our connections
+    are read by `_wsfix.read_message`, which binds neither while it waits). 32 peers each send one 3.5 kB frame
     (under trio-websocket's 4 KiB read size, like a register with its id_token) and stay
     idle: each copy kept is 112 kB still allocated."""
     import gc

@@ -81,3 +81,19 @@ async def test_a_close_from_the_peer_is_answered(server):
     await stream.send_all(frame(0x8, struct.pack("!H", 4000) + b"bye"))
     data, code = await read_until_closed(stream)
     assert [op for op, _ in server_frames(data)] == [0x8] and code == 4000  # its code, echoed
+
+
+async def test_handshakes_wsproto_refuses_are_answered_and_closed(server):
+    """Requests the fast path leaves to wsproto and wsproto refuses: its answer (426 for a
+    version it does not speak, 400 for a malformed request), then the close."""
+    base = (b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n")
+    for request, status in [(base + b"Sec-WebSocket-Version: 8\r\n\r\n", b"426"),
+                            (b"GET / HTTP/1.1\r\nHost: x\r\nbad header line\r\n\r\n", b"400")]:
+        stream = await trio.open_tcp_stream("127.0.0.1", server.server.info.ws_port)
+        await stream.send_all(request)
+        data, _ = await read_until_closed(stream)
+        assert data.split(b"\r\n", 1)[0].split(b" ")[1] == status, data[:80]
+    stream = await raw_connect(server.server.info.ws_port)
+    await stream.send_all(frame(0x1, b'{"type": "ping"}'))
+    assert json.loads((await read_frames(stream, 1))[0][1]) == {"type": "pong"}
