@@ -31,7 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any, Iterator
 
 from run import (HERE, LOADGEN_CPU, RESULTS_LOGS, ROOT, SERVER_CPU, Loadgen, _post, cpu_seconds, ensure_node_modules,
@@ -42,13 +42,15 @@ ROOM_SIZE = 10
 
 @contextmanager
 def ours(store: str, *, profile: str | None = None, src: str | None = None,
-         log_level: str = "warning", under: tuple[str, ...] = ()) -> Iterator[dict[str, Any]]:
+         log_level: str = "warning", under: tuple[str, ...] = (), data_dir: str | None = None
+         ) -> Iterator[dict[str, Any]]:
     """Our server; `src`: from another checkout of this repository (a before/after run);
     `under`: a command it runs under (valgrind, for benchmarks/instructions.py).
-    A data dir of its own: the signing key is the one that version makes on first start."""
+    A data dir of its own (the signing key is the one that version makes on first start),
+    or `data_dir`: a restart that keeps the key, so tokens signed before it still pass."""
     ws_port, http_port = free_port(), free_port()
     prefix = [sys.executable] + (["-m", "cProfile", "-o", profile] if profile else [])
-    with tempfile.TemporaryDirectory(prefix="connect-data-") as data:
+    with (nullcontext(data_dir) if data_dir else tempfile.TemporaryDirectory(prefix="connect-data-")) as data:
         argv = prefix + ["-m", "signaling_trio", "serve", "--host", "127.0.0.1", "--ws-port", str(ws_port),
                          "--http-port", str(http_port), "--store", store, "--data-dir", data,
                          "--rate-limit", "1000000000", "--rate-burst", "1000000000", "--http-rate-limit", "0",
@@ -205,9 +207,9 @@ def storm(count: int) -> dict[str, Any]:
     data = tempfile.mkdtemp(prefix="storm-")
     try:
         store = "sqlite:" + os.path.join(data, "rooms.sqlite3")
-        with ours(store) as srv:
+        with ours(store, data_dir=data) as srv:
             rooms, _ = make_rooms(srv, count)
-        with ours(store) as srv:
+        with ours(store, data_dir=data) as srv:  # (the same signing key: the tokens still pass)
             got = wave(srv, count, rooms=rooms, concurrency=count)
         return {"count": count, "all_registered_s": got["connect_s"], "server_ms_per_peer": got["ms_per_peer"]}
     finally:
