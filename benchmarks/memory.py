@@ -11,6 +11,9 @@ Each server runs in its own process: importing signaling_trio changes trio-webso
 the capacity scenario's (benchmarks/loadgen.mjs: register with role and metadata; bare:
 one naming frame), from one Node process; a first batch warms caches and indexes, then
 a snapshot is taken before and after N more connect and go idle.
+
+The server process imports signaling_trio as the venv has it (an editable install: this
+checkout); for another checkout, `PYTHONPATH=DIR python DIR/benchmarks/memory.py`.
 """
 
 from __future__ import annotations
