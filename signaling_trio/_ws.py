@@ -208,7 +208,9 @@ class Connection:
         event(logging.INFO, "disconnect", conn=self.id, peer_id=self.peer_id, room_id=self.room_id, code=code)
 
     async def _reader(self) -> None:
-        """Reads frames (the timers are check_timers', called by the sweeper)."""
+        """Reads frames, in this task (`_wsfix.read_message`; trio-websocket's own
+        `get_message` on versions `_wsfix` was not read against). The timers are
+        check_timers', called by the sweeper."""
         max_frame = self.settings.max_frame_bytes
         ws = self.ws
         read = read_message if reads_inline(ws) else type(ws).get_message  # (_wsfix)
