@@ -50,19 +50,33 @@ async def read_until_closed(stream: trio.SocketStream, timeout: float = 5) -> tu
             if not data:
                 break
             buf += data
-    code = None
-    i = 0
-    while i + 2 <= len(buf):  # walk the server's (unmasked) frames
-        op = buf[i] & 0x0F
-        n = buf[i + 1] & 0x7F
-        j = i + 2
+    codes = [struct.unpack("!H", payload[:2])[0]
+             for op, payload in server_frames(buf) if op == 0x8 and len(payload) >= 2]
+    return buf, codes[-1] if codes else None
+
+
+def server_frames(buf: bytes) -> list[tuple[int, bytes]]:
+    """The (opcode, payload) of the server's (unmasked) frames in `buf`, as far as complete."""
+    frames, i = [], 0
+    while i + 2 <= len(buf):
+        op, n, j = buf[i] & 0x0F, buf[i + 1] & 0x7F, i + 2
         if n == 126:
-            n = struct.unpack("!H", buf[j:j + 2])[0]
-            j += 2
+            n, j = struct.unpack("!H", buf[j:j + 2])[0], j + 2
         elif n == 127:
-            n = struct.unpack("!Q", buf[j:j + 8])[0]
-            j += 8
-        if op == 0x8 and n >= 2:
-            code = struct.unpack("!H", buf[j:j + 2])[0]
+            n, j = struct.unpack("!Q", buf[j:j + 8])[0], j + 8
+        if j + n > len(buf):
+            break
+        frames.append((op, buf[j:j + n]))
         i = j + n
-    return buf, code
+    return frames
+
+
+async def read_frames(stream: trio.SocketStream, count: int, timeout: float = 5) -> list[tuple[int, bytes]]:
+    """Read until the server has sent `count` whole frames; return those read."""
+    buf = b""
+    with trio.fail_after(timeout):
+        while len(server_frames(buf)) < count:
+            data = await stream.receive_some(65536)
+            assert data, "closed early"
+            buf += data
+    return server_frames(buf)

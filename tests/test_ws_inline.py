@@ -9,34 +9,8 @@ import struct
 
 import trio
 
-from rawws import frame, raw_connect, read_until_closed
+from rawws import frame, raw_connect, read_frames, read_until_closed, server_frames
 from signaling_trio.testing import open_test_server
-
-
-def server_frames(buf: bytes) -> list[tuple[int, bytes]]:
-    """The (opcode, payload) of the server's (unmasked) frames in `buf`, as far as complete."""
-    frames, i = [], 0
-    while i + 2 <= len(buf):
-        op, n, j = buf[i] & 0x0F, buf[i + 1] & 0x7F, i + 2
-        if n == 126:
-            n, j = struct.unpack("!H", buf[j:j + 2])[0], j + 2
-        elif n == 127:
-            n, j = struct.unpack("!Q", buf[j:j + 8])[0], j + 8
-        if j + n > len(buf):
-            break
-        frames.append((op, buf[j:j + n]))
-        i = j + n
-    return frames
-
-
-async def read_frames(stream: trio.SocketStream, count: int) -> list[tuple[int, bytes]]:
-    buf = b""
-    with trio.fail_after(5):
-        while len(server_frames(buf)) < count:
-            data = await stream.receive_some(65536)
-            assert data, "closed early"
-            buf += data
-    return server_frames(buf)
 
 
 async def test_a_fragmented_message_with_a_ping_between_its_frames(server):
