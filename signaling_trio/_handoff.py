@@ -36,7 +36,7 @@ import trio
 from ._log import event
 from ._register import Admission, Identity, MoveTo
 from ._ws import Connection, WsContext, serve_connection
-from ._wsfix import DISCONNECT_TIMEOUT, let_go, serve_then_close
+from ._wsfix import DISCONNECT_TIMEOUT, serve_then_close
 from ._wsmove import adopt, take
 from .protocol import errors as E
 from .protocol.messages import decode
@@ -154,7 +154,6 @@ class Hub:
         sent = await self._give(to.instance, conn.ws._stream.socket.fileno(), handed.encode())
         if sent is None:  # it never left, or the sibling gave it back: serve it here
             return False
-        let_go(conn.ws)
         self.given += 1
         event(logging.INFO, "handed over", conn=conn.id, to=to.instance, room_id=to.admission.room_id,
               acknowledged=sent, leftover=len(leftover))

@@ -31,7 +31,7 @@ from ._actors import Leave, Message
 from ._log import event
 from ._metrics import Metrics
 from ._register import Identity, MoveTo, Registrar, Registration
-from ._wsfix import DISCONNECT_TIMEOUT, close, read_message, reads_inline, send_many  # also: 1007/1002 close frames
+from ._wsfix import DISCONNECT_TIMEOUT, close, let_go, moved_away, read_message, reads_inline, send_many
 from .config import Settings
 from .protocol import errors as E
 from .protocol.limits import TokenBucket
@@ -96,7 +96,7 @@ class Connection:
         "id", "ctx", "settings", "metrics", "ws", "_outbox", "_nursery", "_writer_token", "_parked",
         "_parked_at", "_send_since", "_pinging", "_register_by",
         "close_code", "close_reason", "registration", "identity",
-        "_bucket", "_rate_error_at", "_last_rx", "_overflowing", "_next_app_ping", "moved", "arrival",
+        "_bucket", "_rate_error_at", "_last_rx", "_overflowing", "_next_app_ping", "arrival",
     )
 
     def __init__(self, ctx: WsContext, ws: WebSocketConnection) -> None:
@@ -126,7 +126,6 @@ class Connection:
         self._register_by = self._last_rx + self.settings.register_timeout
         self._next_app_ping = self._last_rx + self.settings.app_ping_interval
         self._overflowing = False
-        self.moved = False  # handed to a sibling process: close nothing here
         self.arrival: Callable[[Connection], Awaitable[None]] | None = None  # handed to us: do this first
 
     def __repr__(self) -> str:
@@ -192,7 +191,7 @@ class Connection:
                         self._nursery = None
                         nursery.cancel_scope.cancel()
         finally:
-            if self.moved:
+            if moved_away(self.ws):
                 event(logging.INFO, "moved", conn=self.id)
             else:
                 await self._closed()
@@ -318,14 +317,14 @@ class Connection:
     async def _send_held(self, token: object) -> None:
         """What queued while this task held the writer's place; a writer takes the rest."""
         try:
-            if self._outbox and self._writer_token is token and not self.moved:
+            if self._outbox and self._writer_token is token and not moved_away(self.ws):
                 await self._send_batch()
         except ConnectionClosed:
             pass
         finally:
             if self._writer_token is token:
                 self._writer_token = None
-                if self._outbox and self._nursery is not None and not self.moved:
+                if self._outbox and self._nursery is not None and not moved_away(self.ws):
                     self._start_writer(self._nursery)
 
     def _start_writer(self, nursery: trio.Nursery) -> None:
@@ -358,7 +357,7 @@ class Connection:
             if isinstance(got, MoveTo):
                 assert mover is not None and self._nursery is not None
                 if await mover(self, got, raw):
-                    self.moved = True  # the sibling answers the register
+                    let_go(self.ws)  # the sibling has it, and answers the register
                     self._nursery.cancel_scope.cancel()
                     return
                 got = await self.ctx.registrar.enter(self, req, got.admission)

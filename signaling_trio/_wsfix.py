@@ -87,7 +87,8 @@ _HANDLERS = {
 
 
 async def _receive(ws: WebSocketConnection) -> bool:
-    """Feed wsproto the next bytes; False when the stream has ended."""
+    """Feed wsproto the next bytes; False when the stream has ended (or wsproto refused
+    the bytes and it was closed)."""
     try:
         data = await ws._stream.receive_some(ws._receive_buffer_size)
     except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -98,7 +99,7 @@ async def _receive(ws: WebSocketConnection) -> bool:
             await ws._abort_web_socket()
         return False
     if ws._wsproto.state != ConnectionState.CLOSED:
-        await _feed(ws, data)
+        return await _feed(ws, data)
     return True
 
 
@@ -128,6 +129,11 @@ def reads_inline(ws: WebSocketConnection) -> bool:
 def let_go(ws: WebSocketConnection) -> None:
     """Another process has this connection's socket now: close nothing of it here."""
     ws._st_moved = True  # type: ignore[attr-defined]
+
+
+def moved_away(ws: WebSocketConnection) -> bool:
+    """True once `let_go`: the connection is another process's."""
+    return ws.__dict__.get("_st_moved", False)
 
 
 async def read_message(ws: WebSocketConnection) -> str | bytes:
@@ -272,7 +278,7 @@ async def _read_request(ws: WebSocketConnection, head: bytes) -> WebSocketReques
                 for event in ws._wsproto.events():
                     if isinstance(event, Request):
                         return WebSocketRequest(ws, event)
-                if not await _receive(ws) or not ws._reader_running:
+                if not await _receive(ws):
                     break
     except ConnectionClosed:  # (its refusal could not be sent)
         pass
@@ -285,7 +291,7 @@ async def serve_then_close(ws: WebSocketConnection, handler: Awaitable[None], ti
     try:
         await handler
     finally:
-        if not ws.__dict__.get("_st_moved"):
+        if not moved_away(ws):
             with nowait.within(timeout):
                 await close(ws)
 
