@@ -25,6 +25,7 @@ import sys
 import time
 from contextlib import contextmanager
 from typing import Any, Iterator
+from urllib.parse import urlsplit
 
 from run import CORES, HERE, RESULTS_LOGS, ROOT, _post, cpu_seconds, ensure_node_modules, free_port, stop, wait_port
 
@@ -82,13 +83,36 @@ def new_rooms(http: str, n: int) -> tuple[str, list[dict[str, str]]]:
     return signin["id_token"], rooms
 
 
+def relaygen() -> str:
+    """benchmarks/relaygen.c built (again when the source is newer) into results/."""
+    src, exe = os.path.join(HERE, "relaygen.c"), os.path.join(HERE, "results", "relaygen")
+    if not os.path.exists(exe) or os.path.getmtime(exe) < os.path.getmtime(src):
+        os.makedirs(os.path.dirname(exe), exist_ok=True)
+        subprocess.run(["cc", "-O2", "-o", exe, src], check=True)
+    return exe
+
+
+def relaygen_argv(cfg: dict[str, Any]) -> list[str]:
+    """relaygen's command line for loadgen.mjs's relay config (one URL for both sides)."""
+    assert cfg["ws_url"] == cfg["ws_url_b"], "relaygen dials one server for both sides"
+    url = urlsplit(cfg["ws_url"])
+    words = [url.hostname, url.port, url.path or "/", cfg["pairs"], cfg["inflight"], cfg["duration"],
+             cfg["warmup"], 64, cfg["id_token"], len(cfg["rooms"])]
+    words += [w for r in cfg["rooms"] for w in (r["room_id"], r["token"])]
+    path = os.path.join(RESULTS_LOGS, "relaygen.cfg")
+    with open(path, "w") as f:
+        f.write(" ".join(map(str, words)) + "\n")
+    return [relaygen(), path]
+
+
 def relay(a_url: str, b_url: str, id_token: str, rooms: list[dict[str, str]], pairs: int, inflight: int,
-          duration: float, pids: list[int], redis_pid: int) -> dict[str, Any]:
+          duration: float, pids: list[int], redis_pid: int, gen: str = "node") -> dict[str, Any]:
+    """`gen`: "node" (loadgen.mjs) or "c" (relaygen.c, a few us of CPU per message)."""
     cfg = {"scenario": "relay", "target": "ours", "ws_url": a_url, "ws_url_b": b_url, "id_token": id_token,
            "rooms": rooms, "pairs": pairs, "inflight": inflight, "duration": duration, "warmup": 1}
     err = open(os.path.join(RESULTS_LOGS, "loadgen.err"), "a")
-    lg = subprocess.Popen(["node", os.path.join(HERE, "loadgen.mjs"), json.dumps(cfg)], stdout=subprocess.PIPE,
-                          stderr=err, text=True, cwd=HERE)
+    argv = relaygen_argv(cfg) if gen == "c" else ["node", os.path.join(HERE, "loadgen.mjs"), json.dumps(cfg)]
+    lg = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=err, text=True, cwd=HERE)
     assert lg.stdout is not None
     lines = iter(lg.stdout)
     while json.loads(next(lines))["phase"] != "measure":

@@ -4,6 +4,8 @@
     python benchmarks/workers.py --rounds 5
     python benchmarks/workers.py --quick         # a smoke run (the test suite runs this)
     python benchmarks/workers.py --against DIR --rounds 6  # --workers 2 here against another checkout
+    python benchmarks/workers.py --gen c --rounds 5  # load from relaygen.c instead of Node's `ws`
+    python benchmarks/workers.py --gen c --sweep     # --workers 1 at 1, 2, 4, 8 in flight per pair
 
 Scenario (issue 16): 50 rooms of 2 peers, 4 messages in flight per pair (a `peer_message`
 each way, echoed), every peer connecting to the one shared port (the kernel's
@@ -12,6 +14,11 @@ nothing pinned (with 2 workers every core is in use; the load generator shares t
 Per round: delivered msgs/s, RTT p50, and the CPU of all server processes (the
 `--workers` parent and its workers) and of Redis per delivered message; the ratios are
 taken within the round, then their median is shown with every round's.
+
+The load generator is loadgen.mjs (Node `ws`, ~20 us of CPU per message), or with
+`--gen c` benchmarks/relaygen.c (~8 us, built with `cc` into results/): the same
+messages on the same wire, at less of the cores the servers share with it. `--sweep`
+shows what one worker's CPU per message does as its load falls.
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ from collections import Counter
 from typing import Any
 
 from cluster import redis_server, instance, new_rooms, relay
-from run import HERE, ROOT, ensure_node_modules
+from run import HERE, RESULTS_LOGS, ROOT, ensure_node_modules
 
 PAIRS, INFLIGHT = 50, 4
 
@@ -52,10 +59,11 @@ def bound(w1: dict[str, Any]) -> float:
     return 2 * s / (s + g)
 
 
-def one(n: int, duration: float, pairs: int, root: str = ROOT) -> dict[str, Any]:
+def one(n: int, duration: float, pairs: int, root: str = ROOT, gen: str = "node",
+        inflight: int = INFLIGHT) -> dict[str, Any]:
     with redis_server() as r, instance(r["url"], workers=n, root=root) as w:
         token, rooms = new_rooms(w["http"], pairs)  # one room per pair
-        res = relay(w["ws_url"], w["ws_url"], token, rooms, pairs, INFLIGHT, duration, [w["pid"]], r["pid"])
+        res = relay(w["ws_url"], w["ws_url"], token, rooms, pairs, inflight, duration, [w["pid"]], r["pid"], gen)
         res["rooms_per_process"] = rooms_per_owner(r["url"])
     delivered = res["msgs_per_s"]
     res["server_cpu_us_per_msg"] = 1e6 * res["server_cpu_pct"] / 100 / max(delivered, 1e-9)
@@ -82,6 +90,38 @@ def against(other: str, rounds: int, dur: float, pairs: int) -> int:
     return 0
 
 
+def sweep(dur: float, pairs: int, gen: str, out: str) -> int:
+    """`--workers 1` alone at 1, 2, 4 and 8 messages in flight per pair: what a message
+    costs one worker as its load falls (fewer messages per wake-up to share its cost)."""
+    rows = []
+    for inflight in (1, 2, 4, 8):
+        r = one(1, dur, pairs, gen=gen, inflight=inflight)
+        rows.append({"inflight": inflight, **{k: r[k] for k in ("msgs_per_s", "server_cpu_us_per_msg", "server_cpu_pct",
+                                                                 "loadgen_cpu_pct", "rtt_p50_ms")}})
+        print(json.dumps(rows[-1]), flush=True)
+    lines = [
+        f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; "
+        f"--workers 1, {pairs} rooms of 2 peers, {dur:g} s per run, load generator {gen}",
+        "",
+        "| in flight per pair | delivered msgs/s | server CPU per msg, us | server CPU % | load generator CPU % |"
+        " RTT p50 ms |",
+        "|---|---|---|---|---|---|",
+        *(f"| {r['inflight']} | {r['msgs_per_s']:,.0f} | {r['server_cpu_us_per_msg']:.1f} | {r['server_cpu_pct']:.0f} "
+          f"| {r['loadgen_cpu_pct']:.0f} | {r['rtt_p50_ms']:.2f} |" for r in rows),
+    ]
+    return write(out, "workers-sweep", "\n".join(lines), rows)
+
+
+def write(out: str, name: str, table: str, data: Any) -> int:
+    print("\n" + table)
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, f"{name}.md"), "w") as f:
+        f.write(table + "\n")
+    with open(os.path.join(out, f"{name}.json"), "w") as f:
+        json.dump(data, f, indent=1)
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
@@ -89,14 +129,20 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     ap.add_argument("--against", metavar="DIR", help="another checkout: --workers 2 of both, interleaved")
+    ap.add_argument("--gen", choices=("node", "c"), default="node", help="load generator (see above)")
+    ap.add_argument("--sweep", action="store_true", help="--workers 1 at 1, 2, 4, 8 in flight")
     args = ap.parse_args()
     rounds, dur, pairs = (1, 0.5, 4) if args.quick else (args.rounds, args.seconds, PAIRS)
-    ensure_node_modules()
+    if args.gen == "node" or args.against:
+        ensure_node_modules()
+    os.makedirs(RESULTS_LOGS, exist_ok=True)
     if args.against:
         return against(args.against, rounds, dur, pairs)
+    if args.sweep:
+        return sweep(dur, pairs, args.gen, args.out)
     per: list[dict[str, Any]] = []
     for _ in range(rounds):
-        w1, w2 = one(1, dur, pairs), one(2, dur, pairs)
+        w1, w2 = one(1, dur, pairs, gen=args.gen), one(2, dur, pairs, gen=args.gen)
         per.append({"w1": w1, "w2": w2, "throughput": w2["msgs_per_s"] / w1["msgs_per_s"],
                     "rtt": w2["rtt_p50_ms"] / w1["rtt_p50_ms"],
                     "cpu": w2["server_cpu_us_per_msg"] / w1["server_cpu_us_per_msg"], "bound": bound(w1)})
@@ -104,7 +150,10 @@ def main() -> int:
                                                                  for x, y in v.items()
                                                                  if isinstance(y, (int, float, list))}
                           for k, v in per[-1].items()}), flush=True)
+    return write(args.out, "workers", table(per, pairs, dur, rounds, args.gen), per)
 
+
+def table(per: list[dict[str, Any]], pairs: int, dur: float, rounds: int, gen: str) -> str:
     def med(key: str, side: str | None = None) -> float:
         return statistics.median(r[side][key] if side else r[key] for r in per)
 
@@ -112,9 +161,9 @@ def main() -> int:
         return ", ".join(f"{r[key]:.2f}" for r in per)
 
     splits = "; ".join("/".join(map(str, r["w2"]["rooms_per_process"])) for r in per)
-    lines = [
+    return "\n".join([
         f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; "
-        f"{pairs} rooms of 2 peers, {INFLIGHT} in flight, {dur:g} s per run, {rounds} rounds",
+        f"{pairs} rooms of 2 peers, {INFLIGHT} in flight, {dur:g} s per run, {rounds} rounds, load generator {gen}",
         "",
         "| figure | --workers 1 | --workers 2 | ratio 2/1 (median; every round) |",
         "|---|---|---|---|",
@@ -131,15 +180,7 @@ def main() -> int:
         f"| rooms per process (every round) | | {splits} | |",
         f"| the machine's bound: 2 / 1 if a message cost two workers what it costs one | | | "
         f"{med('bound'):.2f} ({each('bound')}) |",
-    ]
-    table = "\n".join(lines)
-    print("\n" + table)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "workers.md"), "w") as f:
-        f.write(table + "\n")
-    with open(os.path.join(args.out, "workers.json"), "w") as f:
-        json.dump(per, f, indent=1)
-    return 0
+    ])
 
 
 if __name__ == "__main__":

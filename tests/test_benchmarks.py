@@ -16,16 +16,16 @@ from needs import unavailable
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-async def quick_run(script: str, tmp_path, needs: tuple[str, ...]) -> None:
-    """`benchmarks/<script> --quick --out tmp_path`, which must exit 0. Tools it needs
-    missing: a failure under CI, a skip saying which elsewhere."""
+async def quick_run(script: str, tmp_path, needs: tuple[str, ...], *extra: str) -> None:
+    """`benchmarks/<script> --quick --out tmp_path [extra]`, which must exit 0. Tools it
+    needs missing: a failure under CI, a skip saying which elsewhere."""
     missing = [tool for tool in needs if shutil.which(tool) is None]
     if missing:
         unavailable(f"{', '.join(missing)} not installed: benchmarks/{script} needs {', '.join(needs)}",
                     under_ci=f"{', '.join(missing)} needed for the {script} smoke run")
     with trio.fail_after(300):
         proc = await trio.run_process(
-            [sys.executable, os.path.join(ROOT, "benchmarks", script), "--quick", "--out", str(tmp_path)],
+            [sys.executable, os.path.join(ROOT, "benchmarks", script), "--quick", "--out", str(tmp_path), *extra],
             capture_stdout=True, capture_stderr=True, check=False, cwd=ROOT,
         )
     assert proc.returncode == 0, proc.stderr.decode()[-3000:]
@@ -60,6 +60,19 @@ async def test_workers_benchmark_runs(tmp_path):
     await quick_run("workers.py", tmp_path, ("node", "npm", "redis-server"))
     table = (tmp_path / "workers.md").read_text()
     assert "delivered msgs/s" in table and "server CPU per msg" in table
+
+
+async def test_workers_benchmark_runs_on_relaygen(tmp_path):
+    """benchmarks/relaygen.c, built by the run, drives both servers: every pair's messages
+    came back (RTT samples), and the sweep ran at each load."""
+    await quick_run("workers.py", tmp_path, ("cc", "redis-server"), "--gen", "c")
+    for side in json.loads((tmp_path / "workers.json").read_text())[0].values():
+        if isinstance(side, dict):
+            assert side["delivered"] > 0 and side["samples"] > 0 and side["rtt_p50_ms"] > 0
+    assert "load generator c" in (tmp_path / "workers.md").read_text()
+    await quick_run("workers.py", tmp_path, ("cc", "redis-server"), "--gen", "c", "--sweep")
+    rows = json.loads((tmp_path / "workers-sweep.json").read_text())
+    assert [r["inflight"] for r in rows] == [1, 2, 4, 8] and all(r["msgs_per_s"] > 0 for r in rows)
 
 
 async def test_idle_rooms_benchmark_runs(tmp_path):
