@@ -31,7 +31,7 @@ from ._actors import Leave, Message
 from ._log import event
 from ._metrics import Metrics
 from ._register import Identity, MoveTo, Registrar, Registration
-from ._wsfix import DISCONNECT_TIMEOUT, close, let_go, moved_away, read_message, reads_inline, send_many
+from ._wsfix import DISCONNECT_TIMEOUT, close, let_go, moved_away, read_message, reads_inline, send_many, send_now
 from .config import Settings
 from .protocol import errors as E
 from .protocol.limits import TokenBucket
@@ -105,9 +105,8 @@ class Connection:
         self.settings = ctx.settings
         self.metrics = ctx.metrics
         self.ws = ws
-        # The outbox: frames waiting for the writer task, which runs only while there is
-        # something to write (an idle connection costs one task, not two).
-        self._outbox: list[str] = []  # (an empty deque is 600 bytes; a list 56)
+        # frames for the writer task, which runs only while some wait (deliver sends at once if it can)
+        self._outbox: list[str | bytes] = []  # (an empty deque is 600 bytes; a list 56)
         self._nursery: trio.Nursery | None = None
         self._writer_token: object | None = None  # the running writer's, else None
         self._parked: Any = None  # the writer task while it waits for frames
@@ -145,6 +144,10 @@ class Connection:
         if nursery is None:
             return  # not running (yet, or any more)
         outbox = self._outbox
+        left: str | bytes = text
+        if not outbox and (self._writer_token is None or self._parked is not None):
+            if not (left := send_now(self.ws, text)):  # nothing queued, nobody writing: at once
+                return
         if len(outbox) >= self.settings.outbox_size:
             # Never wait on a slow reader: drop for it alone; the writer's stall timer
             # disconnects it if it stays stuck.
@@ -153,7 +156,7 @@ class Connection:
                 self._overflowing = True
                 event(logging.WARNING, "outbox full", conn=self.id, peer_id=self.peer_id)
             return
-        outbox.append(text)
+        outbox.append(left)
         self._overflowing = False
         if self._writer_token is None:
             self._start_writer(nursery)

@@ -26,11 +26,13 @@ keeps no chunk or event bound while it waits (trio-websocket's reader kept an id
 register frame, id_token and all, twice: bytes and text;
 `tests/test_limits.py::test_idle_connection_keeps_no_frame` fails if that comes back).
 
-`send_many(ws, texts)`: frames that wait in a peer's outbox together go out in one
-`send_all` (one syscall) instead of one each, under the stream lock taken without a
-schedule point when it is free (`_nowait`). It uses the connection's wsproto state,
-stream and stream lock exactly as trio-websocket's own `_send` does; where those
-internals are missing (another trio-websocket version) it falls back to `send_message`.
+`send_now(ws, text)`: a frame written at once from whichever task delivers it, when the
+socket has room and nobody else is writing. `send_many(ws, texts)`: frames that wait in
+a peer's outbox together go out in one `send_all` (one syscall) instead of one each,
+under the stream lock taken without a schedule point when it is free (`_nowait`). Both
+use the connection's wsproto state, stream and stream lock as trio-websocket's own
+`_send` does; where those internals are missing (another trio-websocket version) the
+writer falls back to `send_message` and `send_now` does not try.
 
 When wsproto fails a connection itself (invalid UTF-8 in a text frame: 1007; a
 malformed frame: 1002), trio-websocket 0.12 drops the TCP connection without sending the
@@ -214,14 +216,41 @@ if not getattr(WebSocketConnection, "_signaling_trio_fix", False):
 _CAN_BATCH = all(hasattr(WebSocketConnection, a) for a in ("_send", "_abort_web_socket"))
 
 
-async def send_many(ws: WebSocketConnection, texts: list[str]) -> None:
+async def send_many(ws: WebSocketConnection, texts: list[str | bytes]) -> None:
+    """`texts` in one write; a bytes item is the rest of a frame `send_now` began, and
+    goes out as it is."""
     if not _CAN_BATCH or not hasattr(ws, "_wsproto"):
-        for text in texts:
+        for text in texts:  # (send_now never leaves bytes without _CAN_BATCH)
             await ws.send_message(text)
         return
     if ws._close_reason:
         raise ConnectionClosed(ws._close_reason)
-    await send_raw(ws, b"".join([ws._wsproto.send(TextMessage(data=text)) for text in texts]))
+    to_frame = ws._wsproto.send
+    await send_raw(ws, b"".join([t if type(t) is bytes else to_frame(TextMessage(data=t)) for t in texts]))
+
+
+def send_now(ws: WebSocketConnection, text: str) -> str | bytes:
+    """One text frame written at once, without waiting, when nobody else is writing (the
+    stream lock is free) and the connection is open. Returns what is left to send: b""
+    when all of it went out; the frame's unwritten rest (bytes, to go before anything
+    else); `text` itself when it did not try.
+
+    Why: a frame to a peer whose socket has room (nearly always) then costs no task
+    switch; the writer task runs only when the socket is full or others are writing.
+    Without it a relayed message passed three tasks (its sender's, the room's, the
+    writer's); now two. It writes what trio-websocket's `_send` would, under the same
+    exclusion: the stream lock is taken by every other write and is free here, and
+    nothing awaits between the check and the write."""
+    stream = ws._stream
+    if (not _CAN_BATCH or type(stream) is not trio.SocketStream or ws._close_reason or ws._stream_lock.locked()
+            or moved_away(ws) or ws._wsproto.state is not ConnectionState.OPEN):
+        return text
+    data = ws._wsproto.send(TextMessage(data=text))
+    try:
+        sent = stream.socket._sock.send(data)  # trio sockets are non-blocking  # type: ignore[attr-defined]
+    except OSError:  # full (BlockingIOError), or broken: the writer's send_all finds out which
+        sent = 0
+    return data[sent:]
 
 
 async def send_raw(ws: WebSocketConnection, data: bytes) -> None:
