@@ -69,7 +69,8 @@ async def _child(target: str, count: int) -> dict:
         }
 
     if target == "ours":
-        from signaling_trio._ws import SWEEP_PERIOD, WRITER_LINGER
+        from signaling_trio._ws import WRITER_LINGER
+        from signaling_trio._wsserve import SWEEP_PERIOD
         from signaling_trio.testing import open_test_server
 
         # a writer ends WRITER_LINGER after its last frame, at the sweep after that

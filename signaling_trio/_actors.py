@@ -2,8 +2,10 @@
 
 Owns: which rooms are live in this process, and for each one the task that holds its
 `RoomState` (protocol/room.py). A connection never touches a room's state; it sends a
-command into the room's bounded inbox. The room never waits on a connection: it hands
-frames to each peer's outbox with `deliver()` (non-blocking) and asks for closes with
+command into the room's bounded inbox. The room never waits on a connection: it puts
+frames in each peer's outbox with `queue()` and, once a batch of commands is handled,
+has each peer it queued for write them with `flush()` (both non-blocking: what a
+socket does not take at once is its writer task's); it asks for closes with
 `request_close()` (non-blocking).
 
 Never touches: sockets, the store, HTTP, other instances.
@@ -29,11 +31,12 @@ from .protocol.room import Effects, RoomState
 
 
 class PeerConnection(Protocol):
-    """What a room may do to a connection: both calls return at once."""
+    """What a room may do to a connection: every call returns at once."""
 
     id: Any  # unique among the room's connections
 
-    def deliver(self, text: str) -> None: ...
+    def queue(self, text: str) -> None: ...  # a frame to send, at the latest on flush()
+    def flush(self) -> None: ...
     def request_close(self, code: int, reason: str) -> None: ...
 
 
@@ -128,6 +131,7 @@ class RoomActor:
         self.on_handover_change: Callable[[RoomActor], None] | None = None
         self.handover_loaded = True
         self._handover_seen = 0
+        self._queued: dict[PeerConnection, None] = {}  # peers with frames queued, to flush (in order)
 
     def register_abandoned(self, conn_id: Any) -> None:
         """The connection stopped waiting for its Register's answer: nothing to forget here."""
@@ -187,6 +191,7 @@ class RoomActor:
                     self._dispatch(cmd, now)
             if state.deadlines or state.handover_deadline is not None:
                 self._apply(state.expire(now))
+            self._flush()
             if self.on_handover_change is not None and state.handover_version != self._handover_seen:
                 self._handover_seen = state.handover_version
                 self.on_handover_change(self)
@@ -229,9 +234,20 @@ class RoomActor:
         cmd.reply.send_nowait(bound.peer_id if bound is not None else None)
         self.metrics.messages_by_type["register"] += 1
 
+    def _flush(self) -> None:
+        """Each peer queued for since the last flush writes what it has: one write for
+        all a batch of commands said to it."""
+        queued = self._queued
+        if queued:
+            for conn in queued:
+                conn.flush()  # type: ignore[attr-defined]
+            queued.clear()
+
     def _apply(self, fx: Effects) -> None:
+        queued = self._queued
         for conn, text in fx.sends:
-            conn.deliver(text)  # type: ignore[attr-defined]
+            conn.queue(text)  # type: ignore[attr-defined]
+            queued[conn] = None
         for conn, code, reason in fx.closes:
             conn.request_close(code, reason)  # type: ignore[attr-defined]
         if fx.routed:

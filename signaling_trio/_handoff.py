@@ -35,7 +35,8 @@ import trio
 
 from ._log import event
 from ._register import Admission, Identity, MoveTo
-from ._ws import Connection, WsContext, serve_connection
+from ._ws import Connection, WsContext
+from ._wsserve import serve_connection
 from ._wsfix import DISCONNECT_TIMEOUT, serve_then_close
 from ._wsmove import adopt, take
 from .protocol import errors as E

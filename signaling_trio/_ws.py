@@ -7,7 +7,7 @@ Never touches: a room's state (it sends commands to its room handle), credential
 room records (registration is `_register.Registrar`'s).
 
 Timers: a connection keeps timestamps, not cancel scopes. One server task,
-`sweep_connections`, checks every connection's register deadline, stalled send, idle
+`_wsserve.sweep_connections`, checks every connection's register deadline, stalled send, idle
 silence and lingering writer a few times a second (`Connection.check_timers`): a cancel
 scope per frame or per connection costs time and memory that this avoids
 (docs/PERFORMANCE.md has the figures).
@@ -15,7 +15,6 @@ scope per frame or per connection costs time and memory that this avoids
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import logging
 import math
@@ -23,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
 import trio
-from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest
+from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from . import _log
 from . import _nowait as nowait
@@ -86,9 +85,6 @@ PONG = '{"type":"pong"}'
 APP_PING = '{"type":"ping"}'
 WRITE_BATCH = 64
 WRITER_LINGER = 2.0  # seconds an idle writer task waits for more frames before it ends
-SWEEP_PERIOD = 1.0  # at most; shorter when a configured timeout is (see _sweep_period)
-SWEEP_CHUNK = 512  # connections checked between checkpoints
-SWEEP_WAKES = 32  # tasks woken (or started) between checkpoints
 
 
 class Connection:
@@ -105,7 +101,7 @@ class Connection:
         self.settings = ctx.settings
         self.metrics = ctx.metrics
         self.ws = ws
-        # frames for the writer task, which runs only while some wait (deliver sends at once if it can)
+        # frames for the writer task, which runs only while some wait (flush writes at once if it can)
         self._outbox: list[str | bytes] = []  # (an empty deque is 600 bytes; a list 56)
         self._nursery: trio.Nursery | None = None
         self._writer_token: object | None = None  # the running writer's, else None
@@ -140,14 +136,16 @@ class Connection:
 
     # ------------------------------------------------ called by rooms (no awaits)
     def deliver(self, text: str) -> None:
-        nursery = self._nursery
-        if nursery is None:
+        """A frame for this peer, written now if the socket takes it (`flush`)."""
+        self.queue(text)
+        self.flush()
+
+    def queue(self, text: str) -> None:
+        """A frame into the outbox, written at the next `flush` (a room queues what a batch
+        of its commands says to each peer, then flushes each peer once: one write)."""
+        if self._nursery is None:
             return  # not running (yet, or any more)
         outbox = self._outbox
-        left: str | bytes = text
-        if not outbox and (self._writer_token is None or self._parked is not None):
-            if not (left := send_now(self.ws, text)):  # nothing queued, nobody writing: at once
-                return
         if len(outbox) >= self.settings.outbox_size:
             # Never wait on a slow reader: drop for it alone; the writer's stall timer
             # disconnects it if it stays stuck.
@@ -156,8 +154,24 @@ class Connection:
                 self._overflowing = True
                 event(logging.WARNING, "outbox full", conn=self.id, peer_id=self.peer_id)
             return
-        outbox.append(left)
+        outbox.append(text)
         self._overflowing = False
+
+    def flush(self) -> None:
+        """What waits in the outbox: written at once when no writer is writing and the
+        socket takes it (`_wsfix.send_now`); what it does not take is the writer's."""
+        outbox, nursery = self._outbox, self._nursery
+        if not outbox or nursery is None:
+            return
+        if self._writer_token is None or self._parked is not None:
+            batch = outbox[:WRITE_BATCH]
+            left = send_now(self.ws, batch)
+            if left is not None:
+                del outbox[:len(batch)]
+                if left:
+                    outbox.insert(0, left)  # the rest of a frame goes out first
+                elif not outbox:
+                    return
         if self._writer_token is None:
             self._start_writer(nursery)
         elif self._parked is not None:
@@ -275,7 +289,7 @@ class Connection:
             woke = True
         if self._parked is not None and now - self._parked_at >= WRITER_LINGER:
             # lingered out: the writer, woken without its token, ends; the next
-            # deliver() starts a new one
+            # flush() starts a new one
             task, self._parked, self._writer_token = self._parked, None, None
             trio.lowlevel.reschedule(task)
             woke = True
@@ -402,7 +416,8 @@ class Connection:
 
     # ---------------------------------------------------------- side tasks
     async def _writer(self, token: object) -> None:
-        """Started by deliver() when frames wait; sends them in batches; waits a little
+        """Started by flush() for frames the socket did not take at once (or that came
+        while others were writing); sends them in batches; waits a little
         (WRITER_LINGER, ended by the sweeper) for more, then ends, so an idle connection
         holds no writer. A send that makes no progress for stalled_reader_timeout is
         the sweeper's to cut off (`_send_since`)."""
@@ -424,13 +439,13 @@ class Connection:
                 self._parked = None
 
     async def _park(self, token: object) -> None:
-        """Wait for deliver(), or for check_timers() to end the linger: the cheapest
+        """Wait for flush(), or for check_timers() to end the linger: the cheapest
         wake-up trio has, no channel, no event, no deadline."""
         self._parked = trio.lowlevel.current_task()
         self._parked_at = trio.current_time()
 
         def abort(_: Any) -> trio.lowlevel.Abort:
-            # The connection ends: from now on deliver() starts a new writer (it finds
+            # The connection ends: from now on flush() starts a new writer (it finds
             # no nursery, so none), even before this one has finished unwinding.
             if self._writer_token is token:
                 self._writer_token = None
@@ -440,61 +455,9 @@ class Connection:
         await trio.lowlevel.wait_task_rescheduled(abort)
 
 
-def _sweep_period(settings: Settings) -> float:
-    return min(SWEEP_PERIOD, WRITER_LINGER / 2, settings.register_timeout / 4, settings.idle_ping_interval / 4,
-               settings.stalled_reader_timeout / 4)
-
-
-async def sweep_connections(live: LiveConnections, settings: Settings) -> None:
-    """Every connection's timers (Connection.check_timers), a few times a second. It
-    yields after every SWEEP_CHUNK connections checked and every SWEEP_WAKES tasks woken
-    (20,000 writers lingering out together must not run as one scheduler batch: a probe's
-    round trips would wait behind them)."""
-    while True:
-        await trio.sleep(_sweep_period(settings))
-        checked = woken = 0
-        now = trio.current_time()
-        for conn in list(live.all):
-            if conn.check_timers(now):
-                woken += 1
-            checked += 1
-            if checked >= SWEEP_CHUNK or woken >= SWEEP_WAKES:
-                await trio.lowlevel.checkpoint()
-                checked = woken = 0
-                now = trio.current_time()
-
-
 def _remote(ws: WebSocketConnection) -> str:
     """The peer's address for the log; a client already gone has none (ENOTCONN)."""
     try:
         return str(ws.remote)
     except OSError:
         return "gone"
-
-
-async def handle_request(ctx: WsContext, request: WebSocketRequest) -> None:
-    ws = None
-    with nowait.within(10), contextlib.suppress(ConnectionClosed, OSError):
-        ws = await request.accept()
-    if ws is None:
-        return  # gone, or the 101 was not taken in time
-    conn = Connection(ctx, ws)
-    await serve_connection(ctx, conn)
-
-
-async def serve_connection(ctx: WsContext, conn: Connection) -> None:
-    """A connection's life, with its bookkeeping (also for one moved to us: _handoff)."""
-    metrics = ctx.metrics
-    metrics.total_connections += 1
-    metrics.active_connections += 1
-    ctx.live.add(conn)
-    try:
-        await conn.run()
-    except Exception:
-        # A bug in one connection's handling must not reach the listener's nursery
-        # (that would end the server): log it, and that connection alone is over.
-        metrics.connection_crashes += 1
-        _log.logger.exception("connection crashed", extra={"fields": {"conn": conn.id}})
-    finally:
-        ctx.live.discard(conn)
-        metrics.active_connections -= 1

@@ -216,36 +216,40 @@ if not getattr(WebSocketConnection, "_signaling_trio_fix", False):
 _CAN_BATCH = all(hasattr(WebSocketConnection, a) for a in ("_send", "_abort_web_socket"))
 
 
+def _frames(ws: WebSocketConnection, texts: list[str | bytes]) -> bytes:
+    """`texts` framed as text messages, one after another; a bytes item is the rest of a
+    write `send_now` began, and goes out as it is."""
+    to_frame = ws._wsproto.send
+    return b"".join([t if type(t) is bytes else to_frame(TextMessage(data=t)) for t in texts])
+
+
 async def send_many(ws: WebSocketConnection, texts: list[str | bytes]) -> None:
-    """`texts` in one write; a bytes item is the rest of a frame `send_now` began, and
-    goes out as it is."""
+    """`texts` (`_frames`) in one write, waiting for the socket as long as it takes."""
     if not _CAN_BATCH or not hasattr(ws, "_wsproto"):
         for text in texts:  # (send_now never leaves bytes without _CAN_BATCH)
             await ws.send_message(text)
         return
     if ws._close_reason:
         raise ConnectionClosed(ws._close_reason)
-    to_frame = ws._wsproto.send
-    await send_raw(ws, b"".join([t if type(t) is bytes else to_frame(TextMessage(data=t)) for t in texts]))
+    await send_raw(ws, _frames(ws, texts))
 
 
-def send_now(ws: WebSocketConnection, text: str) -> str | bytes:
-    """One text frame written at once, without waiting, when nobody else is writing (the
-    stream lock is free) and the connection is open. Returns what is left to send: b""
-    when all of it went out; the frame's unwritten rest (bytes, to go before anything
-    else); `text` itself when it did not try.
+def send_now(ws: WebSocketConnection, texts: list[str | bytes]) -> bytes | None:
+    """`texts` (`_frames`) in one write at once, without waiting, when nobody else is
+    writing (the stream lock is free) and the connection is open. Returns the bytes the
+    socket did not take (b"" when it took all; the caller sends the rest before anything
+    else), or None when it did not try (the caller sends `texts` as usual).
 
-    Why: a frame to a peer whose socket has room (nearly always) then costs no task
+    Why: frames for a peer whose socket has room (nearly always) then cost no task
     switch; the writer task runs only when the socket is full or others are writing.
-    Without it a relayed message passed three tasks (its sender's, the room's, the
-    writer's); now two. It writes what trio-websocket's `_send` would, under the same
-    exclusion: the stream lock is taken by every other write and is free here, and
-    nothing awaits between the check and the write."""
+    It writes what trio-websocket's `_send` would, under the same exclusion: every other
+    write takes the stream lock, which is free here, and nothing awaits between the
+    check and the write."""
     stream = ws._stream
     if (not _CAN_BATCH or type(stream) is not trio.SocketStream or ws._close_reason or ws._stream_lock.locked()
             or moved_away(ws) or ws._wsproto.state is not ConnectionState.OPEN):
-        return text
-    data = ws._wsproto.send(TextMessage(data=text))
+        return None
+    data = _frames(ws, texts)
     try:
         sent = stream.socket._sock.send(data)  # trio sockets are non-blocking  # type: ignore[attr-defined]
     except OSError:  # full (BlockingIOError), or broken: the writer's send_all finds out which

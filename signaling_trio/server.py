@@ -42,7 +42,8 @@ from ._register import Registrar
 from ._router import LocalRouter, RoomRouter
 from ._status import StatusHistory
 from ._version import __version__
-from ._ws import LiveConnections, WsContext, handle_request, sweep_connections
+from ._ws import LiveConnections, WsContext
+from ._wsserve import handle_request, sweep_connections
 from ._wsfix import DISCONNECT_TIMEOUT, handle_connection
 from .accounts import Accounts
 from .auth import EitherIssuer, LocalAuthority, Verifier

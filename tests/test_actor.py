@@ -25,9 +25,12 @@ class FakeConn:
         self.closed: tuple[int, str] | None = None
         self.arrived = trio.Event()
 
-    def deliver(self, text: str) -> None:
+    def queue(self, text: str) -> None:
         self.frames.append(json.loads(text))
         self.arrived.set()
+
+    def flush(self) -> None:
+        pass
 
     def request_close(self, code: int, reason: str) -> None:
         self.closed = (code, reason)

@@ -35,9 +35,14 @@ class FakeConn:
         self.lost: list[Any] = []
         self.arrived = trio.Event()
 
-    def deliver(self, text: str) -> None:
+    def deliver(self, text: str) -> None:  # as a LocalConn (cluster/link.py)
         self.frames.append(json.loads(text))
         self.arrived.set()
+
+    queue = deliver  # as a PeerConnection, in a room of this instance (_actors.py)
+
+    def flush(self) -> None:
+        pass
 
     def request_close(self, code: int, reason: str) -> None:
         self.closed = (code, reason)

@@ -1,7 +1,8 @@
-"""A frame for a peer is written at once by whichever task delivers it when the peer's
-socket has room and nobody else is writing (`_wsfix.send_now`); the writer task runs only
+"""Frames for a peer are written at once by the task that queued them (a room, after a
+batch of commands; a connection, for its own answers) when the peer's socket has room and
+nobody else is writing (`Connection.flush`, `_wsfix.send_now`); the writer task runs only
 for what the socket could not take. Over real sockets: nothing is reordered or cut when a
-frame goes out in part, and a frame that fits starts no writer."""
+write goes out in part, and frames that fit start no writer."""
 
 from __future__ import annotations
 
@@ -17,14 +18,14 @@ from signaling_trio.testing import open_test_server
 
 async def test_frames_to_a_slow_reader_arrive_whole_and_in_order(monkeypatch):
     """120 frames of 60 kB to a peer that reads nothing until all are sent: the kernel takes
-    the first ones, one goes out in part (its rest queued first, as bytes), the rest wait
-    in the outbox. Read at last, every frame is there, whole, in order."""
+    the first ones, one write goes out in part (its rest queued first, as bytes), the rest
+    wait in the outbox. Read at last, every frame is there, whole, in order."""
     partial = []
     real_send_now = _ws.send_now
 
-    def watched(ws, text):  # the real send_now; only records whether a frame went out in part
-        left = real_send_now(ws, text)
-        if isinstance(left, bytes) and 0 < len(left) < len(text):
+    def watched(ws, texts):  # the real send_now; only records whether a write went out in part
+        left = real_send_now(ws, texts)
+        if left and len(left) < sum(map(len, texts)):
             partial.append(len(left))
         return left
 
@@ -42,7 +43,7 @@ async def test_frames_to_a_slow_reader_arrive_whole_and_in_order(monkeypatch):
             for i in range(n):
                 await sender.send({"type": "peer_message", "to_peer_id": "slow", "payload": f"{i:04d}{blob}"})
             assert (await sender.request({"type": "ping"}))["type"] == "pong"  # all handled
-            assert partial, "no frame went out in part: the test did not fill the socket"
+            assert partial, "no write went out in part: the test did not fill the socket"
             buf = b""
             with trio.fail_after(20):
                 while len([f for f in server_frames(buf) if b'"peer_message"' in f[1]]) < n:

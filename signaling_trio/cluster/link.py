@@ -82,11 +82,14 @@ class RemoteConn:
     def __repr__(self) -> str:
         return f"<RemoteConn {self.id} room={self.room_id}>"
 
-    def deliver(self, text: str) -> None:
+    def queue(self, text: str) -> None:
         if self.held is not None:
             self.held.append(text)
         else:
             self.host.outlink(self.instance).put(wire.Deliver(self.room_id, self.cid, text))
+
+    def flush(self) -> None:
+        """Nothing: the outlink batches what goes to the connection's instance."""
 
     def request_close(self, code: int, reason: str) -> None:
         self.host.outlink(self.instance).put(wire.Close(self.room_id, self.cid, code, reason))
