@@ -331,18 +331,13 @@ class Connection:
         else:
             self._error(E.ProtocolError(E.UNKNOWN_MESSAGE_TYPE, f"Unknown message type: {mtype}"))
 
-    async def _send_held(self, token: object) -> None:
-        """What queued while this task held the writer's place; a writer takes the rest."""
-        try:
-            if self._outbox and self._writer_token is token and not moved_away(self.ws):
-                await self._send_batch()
-        except ConnectionClosed:
-            pass
-        finally:
-            if self._writer_token is token:
-                self._writer_token = None
-                if self._outbox and self._nursery is not None and not moved_away(self.ws):
-                    self._start_writer(self._nursery)
+    def _release_held(self, token: object) -> None:
+        """The writer's place, held through a register, let go: what queued meanwhile is
+        flushed (written at once if it can be, else a writer's)."""
+        if self._writer_token is token:
+            self._writer_token = None
+            if not moved_away(self.ws):
+                self.flush()
 
     def _start_writer(self, nursery: trio.Nursery) -> None:
         self._writer_token = token = object()
@@ -360,8 +355,9 @@ class Connection:
             self._send_since = None
 
     async def _register(self, msg: dict[str, Any], raw: str) -> None:
-        # A first register's answer is sent by this task, which holds the writer's place
-        # meanwhile: no writer task for one frame (nothing else goes to a roomless peer)
+        # A first register holds the writer's place: nothing is written until it is
+        # answered (or moved: then nothing at all), and then this task flushes the answer,
+        # no writer task for one frame (nothing else goes to a roomless peer)
         held = None
         if self.registration is None and self._writer_token is None:
             self._writer_token = held = object()
@@ -385,7 +381,7 @@ class Connection:
             self._error(exc)
         finally:
             if held is not None:
-                await self._send_held(held)
+                self._release_held(held)
 
     def _error(self, exc: E.ProtocolError) -> None:
         self.metrics.errors_by_code[exc.code] += 1
