@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -34,8 +33,8 @@ import time
 from contextlib import contextmanager, nullcontext
 from typing import Any, Iterator
 
-from run import (HERE, LOADGEN_CPU, RESULTS_LOGS, ROOT, SERVER_CPU, Loadgen, _post, cpu_seconds, ensure_node_modules,
-                 free_port, pinned, stop, wait_port)
+from run import (HERE, LOADGEN_CPU, MACHINE, RESULTS_LOGS, ROOT, SERVER_CPU, Loadgen, _post, cpu_seconds,
+                 ensure_node_modules, free_port, pinned, stop, wait_port)
 
 ROOM_SIZE = 10
 
@@ -264,7 +263,7 @@ def main() -> int:
         return f"{m:.2f} (rounds {', '.join(map(str, each))})"
 
     rows = [
-        f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; "
+        f"{MACHINE}; "
         f"store {args.store.split(':')[0]}; log level {args.log_level}; {args.runs} interleaved rounds, medians",
         "",
         f"| server CPU per connect + register, ms ({args.count:,} peers, rooms of {ROOM_SIZE}) | ms | / bare "

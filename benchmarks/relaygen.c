@@ -103,13 +103,13 @@ static void flush_out(conn_t *c) {
     if (!c->out_len) want_write(c, 0);
 }
 
-/* One masked text frame, as a client must send it (RFC 6455 5.3). */
-static void send_text(conn_t *c, const char *msg, size_t n) {
+/* One masked frame (FIN set), as a client must send it (RFC 6455 5.3). */
+static void send_frame(conn_t *c, int opcode, const char *msg, size_t n) {
     static const unsigned char mask[4] = {0x37, 0xfa, 0x21, 0x3d};
     char f[14 + 4096];
     size_t h = 0;
     if (n > 4096) die("message too long for one frame here: %zu", n);
-    f[h++] = (char)0x81;
+    f[h++] = (char)(0x80 | opcode);
     if (n < 126) {
         f[h++] = (char)(0x80 | n);
     } else {
@@ -122,6 +122,8 @@ static void send_text(conn_t *c, const char *msg, size_t n) {
     for (size_t i = 0; i < n; i++) f[h + i] = (char)(msg[i] ^ mask[i & 3]);
     send_bytes(c, f, h + n);
 }
+
+static void send_text(conn_t *c, const char *msg, size_t n) { send_frame(c, 0x1, msg, n); }
 
 /* The next whole frame in c->in: 1 and its opcode, payload and total size, or 0. */
 static int next_frame(conn_t *c, int *op, char **payload, size_t *len, size_t *total) {
@@ -288,11 +290,8 @@ static void on_readable(conn_t *conns, int idx) {
     if (!read_some(c)) return; /* epoll is level-triggered: what is left wakes it again */
     while (next_frame(c, &op, &p, &n, &total)) {
         if (op == 1) on_message(conns, idx, p, n);
-        else if (op == 9 && n <= 125) { /* ping: the same payload back in a pong (mask 0) */
-            char f[6 + 125] = {(char)0x8a, (char)(0x80 | n), 0, 0, 0, 0};
-            memcpy(f + 6, p, n);
-            send_bytes(c, f, 6 + n);
-        } else if (op == 8) die("the server closed a connection");
+        else if (op == 9) send_frame(c, 0xA, p, n); /* ping: the same payload back in a pong */
+        else if (op == 8) die("the server closed a connection");
         consume(c, total);
     }
 }

@@ -31,6 +31,7 @@ CLK = os.sysconf("SC_CLK_TCK")
 CORES = os.cpu_count() or 1
 SERVER_CPU, LOADGEN_CPU = ("0", "1") if CORES >= 2 else ("0", "0")
 RESULTS_LOGS = os.path.join(HERE, "results", "logs")
+MACHINE = f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
 
 
 def free_port() -> int:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -34,7 +33,7 @@ from collections import Counter
 from typing import Any
 
 from cluster import redis_server, instance, new_rooms, relay
-from run import HERE, RESULTS_LOGS, ROOT, ensure_node_modules
+from run import HERE, MACHINE, RESULTS_LOGS, ROOT, ensure_node_modules
 
 PAIRS, INFLIGHT = 50, 4
 
@@ -100,7 +99,7 @@ def sweep(dur: float, pairs: int, gen: str, out: str) -> int:
                                                                  "loadgen_cpu_pct", "rtt_p50_ms")}})
         print(json.dumps(rows[-1]), flush=True)
     lines = [
-        f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; "
+        f"{MACHINE}; "
         f"--workers 1, {pairs} rooms of 2 peers, {dur:g} s per run, load generator {gen}",
         "",
         "| in flight per pair | delivered msgs/s | server CPU per msg, us | server CPU % | load generator CPU % |"
@@ -162,7 +161,7 @@ def table(per: list[dict[str, Any]], pairs: int, dur: float, rounds: int, gen: s
 
     splits = "; ".join("/".join(map(str, r["w2"]["rooms_per_process"])) for r in per)
     return "\n".join([
-        f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; "
+        f"{MACHINE}; "
         f"{pairs} rooms of 2 peers, {INFLIGHT} in flight, {dur:g} s per run, {rounds} rounds, load generator {gen}",
         "",
         "| figure | --workers 1 | --workers 2 | ratio 2/1 (median; every round) |",
