@@ -30,7 +30,7 @@ from ._actors import Leave, Message
 from ._log import event
 from ._metrics import Metrics
 from ._register import Identity, MoveTo, Registrar, Registration
-from ._wsfix import DISCONNECT_TIMEOUT, close, let_go, moved_away, read_message, reads_inline, send_many, send_now
+from ._wsfix import DISCONNECT_TIMEOUT, close, let_go, moved_away, read_message, reads_inline, send_front, send_now
 from .config import Settings
 from .protocol import errors as E
 from .protocol.limits import TokenBucket
@@ -219,7 +219,7 @@ class Connection:
             code = self.close_code or E.CLOSE_NORMAL
             self.metrics.closes_by_code[code] += 1
             with nowait.within(DISCONNECT_TIMEOUT):
-                await close(self.ws, code, self.close_reason or None)
+                await close(self.ws, code, self.close_reason or None, self._outbox)
         code = self.ws.closed.code if self.ws.closed else code
         event(logging.INFO, "disconnect", conn=self.id, peer_id=self.peer_id, room_id=self.room_id, code=code)
 
@@ -344,15 +344,17 @@ class Connection:
         nursery.start_soon(self._writer, token)
 
     async def _send_batch(self) -> None:
-        """Up to WRITE_BATCH queued frames in one send (`_send_since`: the stall check)."""
-        outbox = self._outbox
-        batch = outbox[:WRITE_BATCH]
-        del outbox[:WRITE_BATCH]
+        """The rest of a write begun, or up to WRITE_BATCH queued frames, in one write
+        (`_wsfix.send_front`); `_send_since` is when it last made progress (the stall
+        check)."""
         self._send_since = trio.current_time()
         try:
-            await send_many(self.ws, batch)
+            await send_front(self.ws, self._outbox, WRITE_BATCH, self._progressed)
         finally:
             self._send_since = None
+
+    def _progressed(self) -> None:
+        self._send_since = trio.current_time()
 
     async def _register(self, msg: dict[str, Any], raw: str) -> None:
         # A first register holds the writer's place: nothing is written until it is

@@ -27,9 +27,10 @@ register frame, id_token and all, twice: bytes and text;
 `tests/test_limits.py::test_idle_connection_keeps_no_frame` fails if that comes back).
 
 `send_now(ws, text)`: a frame written at once from whichever task delivers it, when the
-socket has room and nobody else is writing. `send_many(ws, texts)`: frames that wait in
-a peer's outbox together go out in one `send_all` (one syscall) instead of one each,
-under the stream lock taken without a schedule point when it is free (`_nowait`). Both
+socket has room and nobody else is writing. `send_front(ws, outbox, n)`: frames that wait
+in a peer's outbox together go out in one write (one syscall) instead of one each, under
+the stream lock taken without a schedule point when it is free (`_nowait`), the rest of
+a write kept first in the outbox so that a close never follows part of a frame. Both
 use the connection's wsproto state, stream and stream lock as trio-websocket's own
 `_send` does; where those internals are missing (another trio-websocket version) the
 writer falls back to `send_message` and `send_now` does not try.
@@ -43,7 +44,7 @@ the code: send the close frame first, then let trio-websocket finish as before.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 
 import trio
 import trio_websocket
@@ -131,6 +132,7 @@ def reads_inline(ws: WebSocketConnection) -> bool:
 def let_go(ws: WebSocketConnection) -> None:
     """Another process has this connection's socket now: close nothing of it here."""
     ws._st_moved = True  # type: ignore[attr-defined]
+    ws._reader_running = False  # (read_message parses no frame more here: they are the sibling's)
 
 
 def moved_away(ws: WebSocketConnection) -> bool:
@@ -189,15 +191,27 @@ async def _assemble(ws: WebSocketConnection, event: TextMessage | BytesMessage) 
     return b"".join(parts) if isinstance(data, (bytes, bytearray)) else "".join(parts)
 
 
-async def close(ws: WebSocketConnection, code: int = 1000, reason: str | None = None) -> None:
+async def close(ws: WebSocketConnection, code: int = 1000, reason: str | None = None,
+                unsent: list[str | bytes] | None = None) -> None:
     """`aclose`, also for a connection read inline: the close frame, then the peer's
     messages read (and dropped) until its close answers ours, as a reader task would;
-    the stream closed in any case."""
-    if not reads_inline(ws):
-        await ws.aclose(code, reason)
-        return
+    the stream closed in any case.
+
+    `unsent` is the connection's outbox. When it begins with the rest of a write begun
+    (bytes: `send_front`), that rest goes out first, since a close frame after part of a
+    frame would be read as that frame's payload. When the rest cannot be written (the
+    stream broke, or the caller's deadline passed: a peer that stopped reading), there
+    is no close frame: the stream is cut, as a network fault would cut it (1006)."""
     try:
-        if ws._close_reason is None and ws._wsproto.state == ConnectionState.OPEN:
+        if unsent and type(unsent[0]) is bytes:
+            try:
+                await send_front(ws, unsent, 1)
+            finally:
+                if unsent and type(unsent[0]) is bytes:
+                    await ws._abort_web_socket()  # (marks it closed; the stream closes below)
+        if not reads_inline(ws):
+            await ws.aclose(code, reason)
+        elif ws._close_reason is None and ws._wsproto.state == ConnectionState.OPEN:
             ws._close_reason = CloseReason(1000, None)
             await ws._send(CloseConnection(code=code, reason=reason))
             while not ws._close_handshake.is_set() and await _next_message(ws) is not None:
@@ -223,15 +237,56 @@ def _frames(ws: WebSocketConnection, texts: list[str | bytes]) -> bytes:
     return b"".join([t if type(t) is bytes else to_frame(TextMessage(data=t)) for t in texts])
 
 
-async def send_many(ws: WebSocketConnection, texts: list[str | bytes]) -> None:
-    """`texts` (`_frames`) in one write, waiting for the socket as long as it takes."""
-    if not _CAN_BATCH or not hasattr(ws, "_wsproto"):
-        for text in texts:  # (send_now never leaves bytes without _CAN_BATCH)
+async def send_front(ws: WebSocketConnection, outbox: list[str | bytes], batch: int,
+                     progressed: Callable[[], None] | None = None) -> None:
+    """The writer's next write: `outbox[0]` when it is the bytes rest of a write begun,
+    else up to `batch` frames (`_frames`) in one; written under the stream lock as the
+    socket takes it, waiting for the socket as long as it takes. Until all of it is out,
+    `outbox[0]` is exactly what is not yet written, so a writer cancelled in the middle
+    leaves the rest where `close` finds it. `progressed()` runs whenever some went out
+    (the stalled-reader timer counts from the last progress, not from the first try).
+    A broken stream aborts the connection: ConnectionClosed."""
+    stream = ws._stream
+    if not _CAN_BATCH or type(stream) is not trio.SocketStream:
+        texts = outbox[:batch]  # (send_now never leaves bytes here: it did not try)
+        del outbox[:batch]
+        for text in texts:
             await ws.send_message(text)
         return
-    if ws._close_reason:
+    if moved_away(ws) or ws._close_reason and type(outbox[0]) is not bytes:
         raise ConnectionClosed(ws._close_reason)
-    await send_raw(ws, _frames(ws, texts))
+    await trio.lowlevel.checkpoint_if_cancelled()  # (a writer cancelled begins no write)
+    lock = ws._stream_lock
+    await nowait.acquire(lock)
+    try:
+        if type(outbox[0]) is not bytes:
+            texts = outbox[:batch]
+            outbox[:len(texts)] = [_frames(ws, texts)]
+        sock = stream.socket
+        while True:
+            data = outbox[0]
+            try:
+                sent = sock._sock.send(data)  # type: ignore[attr-defined]
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                await ws._abort_web_socket()
+                raise ConnectionClosed(ws._close_reason) from None
+            if sent == len(data):
+                del outbox[0]
+                break
+            if sent:
+                outbox[0] = data[sent:]
+                if progressed is not None:
+                    progressed()
+            try:
+                await sock.wait_writable()
+            except trio.ClosedResourceError:
+                await ws._abort_web_socket()
+                raise ConnectionClosed(ws._close_reason) from None
+    finally:
+        lock.release()
+    await trio.lowlevel.cancel_shielded_checkpoint()  # (with the one above, a checkpoint)
 
 
 def send_now(ws: WebSocketConnection, texts: list[str | bytes]) -> bytes | None:

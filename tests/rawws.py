@@ -11,8 +11,15 @@ from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, Request
 
 
-async def raw_connect(port: int, *, extra_headers: list[tuple[bytes, bytes]] | None = None) -> trio.SocketStream:
-    stream = await trio.open_tcp_stream("127.0.0.1", port)
+async def raw_connect(port: int, *, extra_headers: list[tuple[bytes, bytes]] | None = None,
+                      rcvbuf: int | None = None) -> trio.SocketStream:
+    """Connected and upgraded; `rcvbuf` fixes the socket's receive buffer (no autotuning),
+    for a reader whose pace, not the kernel's buffers, should decide the server's writes."""
+    sock = trio.socket.socket()
+    if rcvbuf is not None:
+        sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_RCVBUF, rcvbuf)
+    await sock.connect(("127.0.0.1", port))
+    stream = trio.SocketStream(sock)
     ws = WSConnection(ConnectionType.CLIENT)
     await stream.send_all(ws.send(Request(host="127.0.0.1", target="/", extra_headers=extra_headers or [])))
     with trio.fail_after(5):
