@@ -13,7 +13,8 @@ SO_REUSEPORT picks a worker). Both servers on a fresh redis-server (`--store red
 nothing pinned (with 2 workers every core is in use; the load generator shares them).
 Per round: delivered msgs/s, RTT p50, and the CPU of all server processes (the
 `--workers` parent and its workers) and of Redis per delivered message; the ratios are
-taken within the round, then their median is shown with every round's.
+taken within the round (whose two halves run in turn, the order alternating between
+rounds), then their median is shown with every round's.
 
 The load generator is loadgen.mjs (Node `ws`, ~20 us of CPU per message), or with
 `--gen c` benchmarks/relaygen.c (~8 us, built with `cc` into results/): the same
@@ -140,8 +141,11 @@ def main() -> int:
     if args.sweep:
         return sweep(dur, pairs, args.gen, args.out)
     per: list[dict[str, Any]] = []
-    for _ in range(rounds):
-        w1, w2 = one(1, dur, pairs, gen=args.gen), one(2, dur, pairs, gen=args.gen)
+    for i in range(rounds):  # the order alternates, so a drift of the VM favours neither side
+        if i % 2 == 0:
+            w1, w2 = one(1, dur, pairs, gen=args.gen), one(2, dur, pairs, gen=args.gen)
+        else:
+            w2, w1 = one(2, dur, pairs, gen=args.gen), one(1, dur, pairs, gen=args.gen)
         per.append({"w1": w1, "w2": w2, "throughput": w2["msgs_per_s"] / w1["msgs_per_s"],
                     "rtt": w2["rtt_p50_ms"] / w1["rtt_p50_ms"],
                     "cpu": w2["server_cpu_us_per_msg"] / w1["server_cpu_us_per_msg"], "bound": bound(w1)})
