@@ -67,6 +67,11 @@ from . import _nowait as nowait
 from ._wshandshake import MAX_HEAD, accept_response, fast_key
 
 DISCONNECT_TIMEOUT = 2.0  # seconds a closing connection waits for the peer's close frame
+# A write counts as progress (the stalled-reader timer starts again) once the socket has
+# taken this much of it: a peer reading a little at a time would otherwise keep a full
+# outbox (256 frames of up to --max-frame-bytes) alive as long as it liked. At the
+# default timeout (10 s) a peer must read 100 kB/s while more than this waits for it.
+PROGRESS_BYTES = 1 << 20
 
 _original = WebSocketConnection._handle_close_connection_event
 
@@ -243,8 +248,9 @@ async def send_front(ws: WebSocketConnection, outbox: list[str | bytes], batch: 
     else up to `batch` frames (`_frames`) in one; written under the stream lock as the
     socket takes it, waiting for the socket as long as it takes. Until all of it is out,
     `outbox[0]` is exactly what is not yet written, so a writer cancelled in the middle
-    leaves the rest where `close` finds it. `progressed()` runs whenever some went out
-    (the stalled-reader timer counts from the last progress, not from the first try).
+    leaves the rest where `close` finds it. `progressed()` runs each time another
+    PROGRESS_BYTES went out (the stalled-reader timer counts from the last progress, not
+    from the first try).
     A broken stream aborts the connection: ConnectionClosed."""
     stream = ws._stream
     if not _CAN_BATCH or type(stream) is not trio.SocketStream:
@@ -263,6 +269,7 @@ async def send_front(ws: WebSocketConnection, outbox: list[str | bytes], batch: 
             texts = outbox[:batch]
             outbox[:len(texts)] = [_frames(ws, texts)]
         sock = stream.socket
+        taken = 0
         while True:
             data = outbox[0]
             try:
@@ -277,7 +284,9 @@ async def send_front(ws: WebSocketConnection, outbox: list[str | bytes], batch: 
                 break
             if sent:
                 outbox[0] = data[sent:]
-                if progressed is not None:
+                taken += sent
+                if taken >= PROGRESS_BYTES and progressed is not None:
+                    taken = 0
                     progressed()
             try:
                 await sock.wait_writable()

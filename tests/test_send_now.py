@@ -138,24 +138,46 @@ async def test_a_peer_that_never_reads_again_is_cut_without_a_close_frame():
     assert srv.server.metrics.closes_by_code[1008] == 1
 
 
+async def _paced_reader(srv, n: int, chunk: int, pause: float) -> bytes:
+    """`n` frames of 60 kB sent at once to a raw peer that reads `chunk` bytes every `pause`
+    seconds, with the server's send buffer for it fixed at 64 kB, as on a slow link (the
+    kernel then takes a little at a time). What the peer read: all `n` frames, or what it
+    got before the server closed it."""
+    room = await srv.new_room()
+    slow = await _raw_peer(srv, room, "slow", rcvbuf=65536)
+    [conn] = [c for c in srv.server.connections if c.peer_id == "slow"]
+    conn.ws._stream.socket.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_SNDBUF, 65536)
+    buf = b""
+    async with ws_peer(srv.ws_url) as sender:
+        await register(sender, room, "sender")
+        await _flood(sender, "slow", n)
+        with trio.fail_after(30):
+            while sum(op == 0x1 for op, _ in server_frames(buf)) < n:
+                data = await slow.receive_some(chunk)
+                if not data:
+                    break
+                buf += data
+                await trio.sleep(pause)  # the reader's pace
+    await slow.aclose()
+    return buf
+
+
 async def test_a_slow_reader_that_keeps_reading_is_not_cut_off():
     """A peer reading about 2.6 MB/s is sent 9 MB at once: a single batch write takes
-    longer than stalled_reader_timeout, but each part of it goes out well within it. The
-    stall timer counts from the last progress, so the peer gets everything."""
+    longer than stalled_reader_timeout, but each PROGRESS_BYTES of it goes out well within
+    it. The stall timer counts from the last progress, so the peer gets everything."""
     async with open_test_server(rate_limit=0, stalled_reader_timeout=1.0) as srv:
-        room = await srv.new_room()
-        slow = await _raw_peer(srv, room, "slow", rcvbuf=65536)
-        n = 150
-        async with ws_peer(srv.ws_url) as sender:
-            await register(sender, room, "sender")
-            await _flood(sender, "slow", n)
-            buf = b""
-            with trio.fail_after(30):
-                while sum(op == 0x1 for op, _ in server_frames(buf)) < n:
-                    data = await slow.receive_some(131072)
-                    assert data, "cut off"
-                    buf += data
-                    await trio.sleep(0.05)  # the reader's pace
-        assert _relayed(server_frames(buf)) == [_payload(i) for i in range(n)]
+        buf = await _paced_reader(srv, 150, 131072, 0.05)
+        assert _relayed(server_frames(buf)) == [_payload(i) for i in range(150)]
         assert srv.server.metrics.stalled_readers == 0
-        await slow.aclose()
+
+
+async def test_a_peer_that_reads_a_little_at_a_time_is_cut_off():
+    """A peer reading about 330 kB/s makes progress, but takes less than PROGRESS_BYTES
+    (1 MiB) per stalled_reader_timeout (1 s here): it is cut off as stalled, whole frames
+    first, rather than keeping its backlog alive as long as it likes by reading a little."""
+    async with open_test_server(rate_limit=0, stalled_reader_timeout=1.0) as srv:
+        buf = await _paced_reader(srv, 60, 32768, 0.1)
+        got = _relayed(server_frames(buf))
+        assert 0 < len(got) < 60 and got == [_payload(i) for i in range(len(got))]
+        assert srv.server.metrics.stalled_readers == 1
