@@ -92,7 +92,7 @@ def relaygen() -> str:
     return exe
 
 
-def relaygen_argv(cfg: dict[str, Any]) -> list[str]:
+def relaygen_argv(cfg: dict[str, Any], one_send_per_message: bool = False) -> list[str]:
     """relaygen's command line for loadgen.mjs's relay config (one URL for both sides)."""
     assert cfg["ws_url"] == cfg["ws_url_b"], "relaygen dials one server for both sides"
     url = urlsplit(cfg["ws_url"])
@@ -102,16 +102,18 @@ def relaygen_argv(cfg: dict[str, Any]) -> list[str]:
     path = os.path.join(RESULTS_LOGS, "relaygen.cfg")
     with open(path, "w") as f:
         f.write(" ".join(map(str, words)) + "\n")
-    return [relaygen(), path]
+    return [relaygen(), *(["--one-send-per-message"] if one_send_per_message else []), path]
 
 
 def relay(a_url: str, b_url: str, id_token: str, rooms: list[dict[str, str]], pairs: int, inflight: int,
           duration: float, pids: list[int], redis_pid: int, gen: str = "node") -> dict[str, Any]:
-    """`gen`: "node" (loadgen.mjs) or "c" (relaygen.c, a few us of CPU per message)."""
+    """`gen`: "node" (loadgen.mjs), "c" (relaygen.c, a few us of CPU per message: the frames
+    one read answers go in one send) or "c1" (relaygen.c, one send per message)."""
     cfg = {"scenario": "relay", "target": "ours", "ws_url": a_url, "ws_url_b": b_url, "id_token": id_token,
            "rooms": rooms, "pairs": pairs, "inflight": inflight, "duration": duration, "warmup": 1}
     err = open(os.path.join(RESULTS_LOGS, "loadgen.err"), "a")
-    argv = relaygen_argv(cfg) if gen == "c" else ["node", os.path.join(HERE, "loadgen.mjs"), json.dumps(cfg)]
+    node = ["node", os.path.join(HERE, "loadgen.mjs"), json.dumps(cfg)]
+    argv = relaygen_argv(cfg, gen == "c1") if gen in ("c", "c1") else node
     lg = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=err, text=True, cwd=HERE)
     assert lg.stdout is not None
     lines = iter(lg.stdout)

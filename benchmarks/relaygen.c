@@ -6,9 +6,11 @@
  * benchmarks/workers.py). Node's `ws` costs ~20 us per message; this costs a few, so the
  * figure measures the servers rather than the generator. It does what loadgen.mjs's
  * `relay` scenario does for target "ours", on the same wire: one TCP connection per peer,
- * masked text frames, one send per message, TCP_NODELAY, no compression.
+ * masked text frames, TCP_NODELAY, no compression. The frames answering what one recv
+ * read go out in one send (a client corking its socket while it handles a read); with
+ * --one-send-per-message each goes in a send of its own, as loadgen.mjs sends them.
  *
- *   cc -O2 -o relaygen relaygen.c && ./relaygen CONFIG
+ *   cc -O2 -o relaygen relaygen.c && ./relaygen [--one-send-per-message] CONFIG
  *
  * CONFIG, whitespace-separated (benchmarks/cluster.py writes it):
  *   host port path pairs inflight duration_s warmup_s pad id_token n_rooms
@@ -38,8 +40,9 @@ typedef struct {
     int fd;
     char in[INBUF];
     size_t have;
-    char *out; /* bytes a send could not take yet */
+    char *out; /* bytes a send could not take yet, or frames held while corked */
     size_t out_len, out_cap;
+    int out_armed; /* EPOLLOUT is asked for */
 } conn_t;
 
 static void die(const char *fmt, ...) {
@@ -59,10 +62,15 @@ static double now_ms(void) {
 }
 
 static int epfd = -1;
+/* While set, frames wait in `out` and go in one send when the frames read in one recv are
+ * handled (what a client corking its socket does); 0 with `--one-send-per-message`. */
+static int corked, cork_reads = 1;
 
 static void want_write(conn_t *c, int on) {
+    if (c->out_armed == on) return;
     struct epoll_event ev = {.events = EPOLLIN | (on ? EPOLLOUT : 0), .data.ptr = c};
     if (epfd >= 0 && epoll_ctl(epfd, EPOLL_CTL_MOD, c->fd, &ev) < 0) die("epoll_ctl: %s", strerror(errno));
+    c->out_armed = on;
 }
 
 static void queue_out(conn_t *c, const char *p, size_t n) {
@@ -77,7 +85,7 @@ static void queue_out(conn_t *c, const char *p, size_t n) {
 
 /* Send what is queued, then `p`; whatever the socket does not take waits for EPOLLOUT. */
 static void send_bytes(conn_t *c, const char *p, size_t n) {
-    if (c->out_len) { queue_out(c, p, n); return; }
+    if (c->out_len || corked) { queue_out(c, p, n); return; }
     while (n) {
         ssize_t k = send(c->fd, p, n, MSG_NOSIGNAL);
         if (k < 0 && errno == EINTR) continue;
@@ -100,7 +108,7 @@ static void flush_out(conn_t *c) {
     }
     memmove(c->out, c->out + off, c->out_len - off);
     c->out_len -= off;
-    if (!c->out_len) want_write(c, 0);
+    want_write(c, c->out_len != 0);
 }
 
 /* One masked frame (FIN set), as a client must send it (RFC 6455 5.3). */
@@ -288,12 +296,15 @@ static void on_readable(conn_t *conns, int idx) {
     char *p;
     size_t n, total;
     if (!read_some(c)) return; /* epoll is level-triggered: what is left wakes it again */
+    corked = cork_reads; /* every frame this read answers is sent on c itself */
     while (next_frame(c, &op, &p, &n, &total)) {
         if (op == 1) on_message(conns, idx, p, n);
         else if (op == 9) send_frame(c, 0xA, p, n); /* ping: the same payload back in a pong */
         else if (op == 8) die("the server closed a connection");
         consume(c, total);
     }
+    corked = 0;
+    if (c->out_len && !c->out_armed) flush_out(c);
 }
 
 static int cmp_double(const void *x, const void *y) {
@@ -322,7 +333,8 @@ static void loop(conn_t *conns, double until) {
 }
 
 int main(int argc, char **argv) {
-    if (argc != 2) die("usage: relaygen CONFIG");
+    if (argc == 3 && !strcmp(argv[1], "--one-send-per-message")) cork_reads = 0, argv++, argc--;
+    if (argc != 2) die("usage: relaygen [--one-send-per-message] CONFIG");
     FILE *f = fopen(argv[1], "r");
     if (!f) die("cannot open %s", argv[1]);
     char host[256], port[16], path[256], id_token[4096];

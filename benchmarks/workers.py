@@ -5,6 +5,7 @@
     python benchmarks/workers.py --quick         # a smoke run (the test suite runs this)
     python benchmarks/workers.py --against DIR --rounds 6  # --workers 2 here against another checkout
     python benchmarks/workers.py --gen c --rounds 5  # load from relaygen.c instead of Node's `ws`
+    python benchmarks/workers.py --gen c1 --rounds 5 # relaygen.c, one send per message
     python benchmarks/workers.py --gen c --sweep     # --workers 1 at 1, 2, 4, 8 in flight per pair
 
 Scenario (issue 16): 50 rooms of 2 peers, 4 messages in flight per pair (a `peer_message`
@@ -17,9 +18,10 @@ taken within the round (whose two halves run in turn, the order alternating betw
 rounds), then their median is shown with every round's.
 
 The load generator is loadgen.mjs (Node `ws`, ~20 us of CPU per message), or with
-`--gen c` benchmarks/relaygen.c (~8 us, built with `cc` into results/): the same
-messages on the same wire, at less of the cores the servers share with it. `--sweep`
-shows what one worker's CPU per message does as its load falls.
+`--gen c` benchmarks/relaygen.c (~5 us, built with `cc` into results/; the frames one
+read answers go out in one send), or with `--gen c1` relaygen.c sending each message on
+its own (~7 us): the same messages on the same wire, at less of the cores the servers
+share with it. `--sweep` shows what one worker's CPU per message does as its load falls.
 """
 
 from __future__ import annotations
@@ -129,7 +131,7 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     ap.add_argument("--against", metavar="DIR", help="another checkout: --workers 2 of both, interleaved")
-    ap.add_argument("--gen", choices=("node", "c"), default="node", help="load generator (see above)")
+    ap.add_argument("--gen", choices=("node", "c", "c1"), default="node", help="load generator (see above)")
     ap.add_argument("--sweep", action="store_true", help="--workers 1 at 1, 2, 4, 8 in flight")
     args = ap.parse_args()
     rounds, dur, pairs = (1, 0.5, 4) if args.quick else (args.rounds, args.seconds, PAIRS)
