@@ -74,6 +74,21 @@ def instance(redis_url: str, workers: int = 1, root: str = ROOT) -> Iterator[dic
         log.close()
 
 
+@contextmanager
+def peerjs() -> Iterator[dict[str, Any]]:
+    """The PeerJS server (benchmarks/peerjs_server.cjs: one Node process), not pinned."""
+    port = free_port()
+    log = open(os.path.join(RESULTS_LOGS, f"peerjs-{port}.log"), "w")
+    proc = subprocess.Popen(["node", os.path.join(HERE, "peerjs_server.cjs"), str(port)], stdout=log,
+                            stderr=subprocess.STDOUT, cwd=HERE)
+    try:
+        wait_port(port, proc)
+        yield {"pid": proc.pid, "ws_url": f"ws://127.0.0.1:{port}/"}
+    finally:
+        stop(proc)
+        log.close()
+
+
 def new_rooms(http: str, n: int) -> tuple[str, list[dict[str, str]]]:
     signin = _post(http + "/anonymous-signin")
     rooms = []
@@ -93,23 +108,29 @@ def relaygen() -> str:
 
 
 def relaygen_argv(cfg: dict[str, Any], one_send_per_message: bool = False) -> list[str]:
-    """relaygen's command line for loadgen.mjs's relay config (one URL for both sides)."""
+    """relaygen's command line for loadgen.mjs's relay config (one URL for both sides;
+    target "ours", or "peerjs", which has no rooms)."""
     assert cfg["ws_url"] == cfg["ws_url_b"], "relaygen dials one server for both sides"
     url = urlsplit(cfg["ws_url"])
+    rooms = cfg.get("rooms") or [{"room_id": "-", "token": "-"}]
     words = [url.hostname, url.port, url.path or "/", cfg["pairs"], cfg["inflight"], cfg["duration"],
-             cfg["warmup"], 64, cfg["id_token"], len(cfg["rooms"])]
-    words += [w for r in cfg["rooms"] for w in (r["room_id"], r["token"])]
+             cfg["warmup"], 64, cfg.get("id_token") or "-", len(rooms)]
+    words += [w for r in rooms for w in (r["room_id"], r["token"])]
     path = os.path.join(RESULTS_LOGS, "relaygen.cfg")
     with open(path, "w") as f:
         f.write(" ".join(map(str, words)) + "\n")
-    return [relaygen(), *(["--one-send-per-message"] if one_send_per_message else []), path]
+    flags = (["--one-send-per-message"] if one_send_per_message else []) + (
+        ["--peerjs"] if cfg["target"] == "peerjs" else [])
+    return [relaygen(), *flags, path]
 
 
-def relay(a_url: str, b_url: str, id_token: str, rooms: list[dict[str, str]], pairs: int, inflight: int,
-          duration: float, pids: list[int], redis_pid: int, gen: str = "node") -> dict[str, Any]:
+def relay(a_url: str, b_url: str, id_token: str | None, rooms: list[dict[str, str]] | None, pairs: int,
+          inflight: int, duration: float, pids: list[int], redis_pid: int | None, gen: str = "node",
+          target: str = "ours") -> dict[str, Any]:
     """`gen`: "node" (loadgen.mjs), "c" (relaygen.c, a few us of CPU per message: the frames
-    one read answers go in one send) or "c1" (relaygen.c, one send per message)."""
-    cfg = {"scenario": "relay", "target": "ours", "ws_url": a_url, "ws_url_b": b_url, "id_token": id_token,
+    one read answers go in one send) or "c1" (relaygen.c, one send per message). `target`:
+    "ours", or "peerjs" (no rooms, no token, no Redis)."""
+    cfg = {"scenario": "relay", "target": target, "ws_url": a_url, "ws_url_b": b_url, "id_token": id_token,
            "rooms": rooms, "pairs": pairs, "inflight": inflight, "duration": duration, "warmup": 1}
     err = open(os.path.join(RESULTS_LOGS, "loadgen.err"), "a")
     node = ["node", os.path.join(HERE, "loadgen.mjs"), json.dumps(cfg)]
@@ -119,9 +140,12 @@ def relay(a_url: str, b_url: str, id_token: str, rooms: list[dict[str, str]], pa
     lines = iter(lg.stdout)
     while json.loads(next(lines))["phase"] != "measure":
         pass
-    s0, r0, l0, t0 = sum(map(tree_cpu, pids)), cpu_seconds(redis_pid), cpu_seconds(lg.pid), time.monotonic()
+    def redis_cpu() -> float:
+        return cpu_seconds(redis_pid) if redis_pid else 0.0
+
+    s0, r0, l0, t0 = sum(map(tree_cpu, pids)), redis_cpu(), cpu_seconds(lg.pid), time.monotonic()
     time.sleep(duration)
-    s1, r1, l1, t1 = sum(map(tree_cpu, pids)), cpu_seconds(redis_pid), cpu_seconds(lg.pid), time.monotonic()
+    s1, r1, l1, t1 = sum(map(tree_cpu, pids)), redis_cpu(), cpu_seconds(lg.pid), time.monotonic()
     result = None
     for line in lines:
         msg = json.loads(line)

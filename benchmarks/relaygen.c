@@ -8,9 +8,12 @@
  * `relay` scenario does for target "ours", on the same wire: one TCP connection per peer,
  * masked text frames, TCP_NODELAY, no compression. The frames answering what one recv
  * read go out in one send (a client corking its socket while it handles a read); with
- * --one-send-per-message each goes in a send of its own, as loadgen.mjs sends them.
+ * --one-send-per-message each goes in a send of its own, as loadgen.mjs sends them. With
+ * --peerjs it drives the PeerJS server instead, as loadgen.mjs's target "peerjs" does
+ * (peer k dials PATH + "peerjs?key=peerjs&id=K&token=tK", waits for OPEN, and each
+ * message is an OFFER to `dst` carrying the same payload; rooms and tokens are unused).
  *
- *   cc -O2 -o relaygen relaygen.c && ./relaygen [--one-send-per-message] CONFIG
+ *   cc -O2 -o relaygen relaygen.c && ./relaygen [--one-send-per-message] [--peerjs] CONFIG
  *
  * CONFIG, whitespace-separated (benchmarks/cluster.py writes it):
  *   host port path pairs inflight duration_s warmup_s pad id_token n_rooms
@@ -216,7 +219,16 @@ static void dial(conn_t *c, const char *host, const char *port, const char *path
     consume(c, (size_t)(end + 4 - c->in));
 }
 
+/* What a message is on each server's wire: its type, and the key naming its receiver. */
+static const char *msg_type = "peer_message", *to_key = "to_peer_id";
+
 static void reg(conn_t *c, const char *peer, const char *room, const char *token, const char *id_token) {
+    if (!strcmp(msg_type, "OFFER")) { /* PeerJS: the server opens the session itself */
+        char *reply = blocking_text(c);
+        if (!strstr(reply, "\"type\":\"OPEN\"")) die("PeerJS refused: %.200s", reply);
+        free(reply);
+        return;
+    }
     char m[4096];
     int n = snprintf(m, sizeof m,
                      "{\"type\":\"register\",\"peer_id\":\"%s\",\"room_id\":\"%s\",\"token\":\"%s\","
@@ -259,21 +271,23 @@ static struct {
 
 static void send_fresh(conn_t *a, int i) {
     char m[2048];
-    int n = snprintf(m, sizeof m, "{\"type\":\"peer_message\",\"to_peer_id\":\"b-%d\",\"payload\":{\"t\":%.6f,\"p\":\"%s\"}}",
-                     i, now_ms(), st.pad);
+    int n = snprintf(m, sizeof m, "{\"type\":\"%s\",\"%s\":\"b-%d\",\"payload\":{\"t\":%.6f,\"p\":\"%s\"}}",
+                     msg_type, to_key, i, now_ms(), st.pad);
     send_text(a, m, (size_t)n);
 }
 
 static void on_message(conn_t *conns, int idx, const char *p, size_t n) {
     int i = idx % st.pairs, is_b = idx >= st.pairs;
-    if (!memmem(p, n, "\"type\":\"peer_message\"", 21)) return; /* loadgen.mjs ignores others too */
+    char want[64];
+    int w = snprintf(want, sizeof want, "\"type\":\"%s\"", msg_type);
+    if (!memmem(p, n, want, (size_t)w)) return; /* loadgen.mjs ignores others too */
     const char *s, *e;
     if (!payload_span(p, n, &s, &e)) die("peer_message without an object payload: %.200s", p);
     if (st.measuring) st.delivered++;
     if (is_b) { /* echo the payload back to a-i */
         char m[2048];
-        int k = snprintf(m, sizeof m, "{\"type\":\"peer_message\",\"to_peer_id\":\"a-%d\",\"payload\":%.*s}", i,
-                         (int)(e - s), s);
+        int k = snprintf(m, sizeof m, "{\"type\":\"%s\",\"%s\":\"a-%d\",\"payload\":%.*s}", msg_type, to_key,
+                         i, (int)(e - s), s);
         send_text(&conns[idx], m, (size_t)k);
         return;
     }
@@ -333,8 +347,12 @@ static void loop(conn_t *conns, double until) {
 }
 
 int main(int argc, char **argv) {
-    if (argc == 3 && !strcmp(argv[1], "--one-send-per-message")) cork_reads = 0, argv++, argc--;
-    if (argc != 2) die("usage: relaygen [--one-send-per-message] CONFIG");
+    for (; argc > 2 && !strncmp(argv[1], "--", 2); argv++, argc--) {
+        if (!strcmp(argv[1], "--one-send-per-message")) cork_reads = 0;
+        else if (!strcmp(argv[1], "--peerjs")) msg_type = "OFFER", to_key = "dst";
+        else die("unknown option %s", argv[1]);
+    }
+    if (argc != 2) die("usage: relaygen [--one-send-per-message] [--peerjs] CONFIG");
     FILE *f = fopen(argv[1], "r");
     if (!f) die("cannot open %s", argv[1]);
     char host[256], port[16], path[256], id_token[4096];
@@ -352,11 +370,13 @@ int main(int argc, char **argv) {
     int P = st.pairs;
     conn_t *conns = calloc((size_t)(2 * P), sizeof *conns); /* a-0..a-(P-1), then b-0.. */
     if (!conns) die("out of memory");
-    char id[32];
+    char id[32], where[512];
     for (int k = 0; k < 2 * P; k++) {
         int i = k % P;
         snprintf(id, sizeof id, "%c-%d", k < P ? 'a' : 'b', i);
-        dial(&conns[k], host, port, path);
+        if (!strcmp(msg_type, "OFFER")) snprintf(where, sizeof where, "%speerjs?key=peerjs&id=%s&token=t%s", path, id, id);
+        else snprintf(where, sizeof where, "%s", path);
+        dial(&conns[k], host, port, where);
         reg(&conns[k], id, room[i % n_rooms], token[i % n_rooms], id_token);
     }
     epfd = epoll_create1(0);

@@ -7,6 +7,7 @@
     python benchmarks/workers.py --gen c --rounds 5  # load from relaygen.c instead of Node's `ws`
     python benchmarks/workers.py --gen c1 --rounds 5 # relaygen.c, one send per message
     python benchmarks/workers.py --gen c --sweep     # --workers 1 at 1, 2, 4, 8 in flight per pair
+    python benchmarks/workers.py --gen c --peerjs    # and the PeerJS server, in every round
 
 Scenario (issue 16): 50 rooms of 2 peers, 4 messages in flight per pair (a `peer_message`
 each way, echoed), every peer connecting to the one shared port (the kernel's
@@ -14,8 +15,9 @@ SO_REUSEPORT picks a worker). Both servers on a fresh redis-server (`--store red
 nothing pinned (with 2 workers every core is in use; the load generator shares them).
 Per round: delivered msgs/s, RTT p50, and the CPU of all server processes (the
 `--workers` parent and its workers) and of Redis per delivered message; the ratios are
-taken within the round (whose two halves run in turn, the order alternating between
-rounds), then their median is shown with every round's.
+taken within the round (whose runs go in turn, the order rotating between rounds), then
+their median is shown with every round's. With `--peerjs` each round also runs the PeerJS
+server (one Node process, no Redis) under the same load: `--workers 2` against it.
 
 The load generator is loadgen.mjs (Node `ws`, ~20 us of CPU per message), or with
 `--gen c` benchmarks/relaygen.c (~5 us, built with `cc` into results/; the frames one
@@ -35,7 +37,7 @@ import sys
 from collections import Counter
 from typing import Any
 
-from cluster import redis_server, instance, new_rooms, relay
+from cluster import redis_server, instance, new_rooms, peerjs, relay
 from run import HERE, MACHINE, RESULTS_LOGS, ROOT, ensure_node_modules
 
 PAIRS, INFLIGHT = 50, 4
@@ -70,6 +72,16 @@ def one(n: int, duration: float, pairs: int, root: str = ROOT, gen: str = "node"
     delivered = res["msgs_per_s"]
     res["server_cpu_us_per_msg"] = 1e6 * res["server_cpu_pct"] / 100 / max(delivered, 1e-9)
     res["redis_cpu_us_per_msg"] = 1e6 * res["redis_cpu_pct"] / 100 / max(delivered, 1e-9)
+    return res
+
+
+def one_peerjs(duration: float, pairs: int, gen: str) -> dict[str, Any]:
+    """The PeerJS server under the same relay load (its own wire: OFFERs between ids)."""
+    with peerjs() as p:
+        res = relay(p["ws_url"], p["ws_url"], None, None, pairs, INFLIGHT, duration, [p["pid"]], None, gen,
+                    target="peerjs")
+    res["server_cpu_us_per_msg"] = 1e6 * res["server_cpu_pct"] / 100 / max(res["msgs_per_s"], 1e-9)
+    res["redis_cpu_us_per_msg"] = 0.0
     return res
 
 
@@ -133,24 +145,30 @@ def main() -> int:
     ap.add_argument("--against", metavar="DIR", help="another checkout: --workers 2 of both, interleaved")
     ap.add_argument("--gen", choices=("node", "c", "c1"), default="node", help="load generator (see above)")
     ap.add_argument("--sweep", action="store_true", help="--workers 1 at 1, 2, 4, 8 in flight")
+    ap.add_argument("--peerjs", action="store_true", help="the PeerJS server too, in every round")
     args = ap.parse_args()
     rounds, dur, pairs = (1, 0.5, 4) if args.quick else (args.rounds, args.seconds, PAIRS)
-    if args.gen == "node" or args.against:
+    if args.gen == "node" or args.against or args.peerjs:
         ensure_node_modules()
     os.makedirs(RESULTS_LOGS, exist_ok=True)
     if args.against:
         return against(args.against, rounds, dur, pairs)
     if args.sweep:
         return sweep(dur, pairs, args.gen, args.out)
+    runs = {"w1": lambda: one(1, dur, pairs, gen=args.gen), "w2": lambda: one(2, dur, pairs, gen=args.gen)}
+    if args.peerjs:
+        runs["pj"] = lambda: one_peerjs(dur, pairs, args.gen)
     per: list[dict[str, Any]] = []
-    for i in range(rounds):  # the order alternates, so a drift of the VM favours neither side
-        if i % 2 == 0:
-            w1, w2 = one(1, dur, pairs, gen=args.gen), one(2, dur, pairs, gen=args.gen)
-        else:
-            w2, w1 = one(2, dur, pairs, gen=args.gen), one(1, dur, pairs, gen=args.gen)
-        per.append({"w1": w1, "w2": w2, "throughput": w2["msgs_per_s"] / w1["msgs_per_s"],
+    for i in range(rounds):  # the order rotates, so a drift of the VM favours no side
+        order = list(runs)[i % len(runs):] + list(runs)[:i % len(runs)]
+        r = {side: runs[side]() for side in order}
+        w1, w2 = r["w1"], r["w2"]
+        per.append({**r, "throughput": w2["msgs_per_s"] / w1["msgs_per_s"],
                     "rtt": w2["rtt_p50_ms"] / w1["rtt_p50_ms"],
                     "cpu": w2["server_cpu_us_per_msg"] / w1["server_cpu_us_per_msg"], "bound": bound(w1)})
+        if "pj" in r:
+            per[-1].update(vs_pj=w2["msgs_per_s"] / r["pj"]["msgs_per_s"],
+                           rtt_vs_pj=w2["rtt_p50_ms"] / r["pj"]["rtt_p50_ms"])
         print(json.dumps({k: v if not isinstance(v, dict) else {x: round(y, 2) if isinstance(y, float) else y
                                                                  for x, y in v.items()
                                                                  if isinstance(y, (int, float, list))}
@@ -166,6 +184,19 @@ def table(per: list[dict[str, Any]], pairs: int, dur: float, rounds: int, gen: s
         return ", ".join(f"{r[key]:.2f}" for r in per)
 
     splits = "; ".join("/".join(map(str, r["w2"]["rooms_per_process"])) for r in per)
+    pj = [] if "pj" not in per[0] else [
+        "",
+        "| figure | PeerJS (one process) | --workers 2 | ratio --workers 2 / PeerJS (median; every round) |",
+        "|---|---|---|---|",
+        f"| delivered msgs/s | {med('msgs_per_s', 'pj'):,.0f} | {med('msgs_per_s', 'w2'):,.0f} | "
+        f"{med('vs_pj'):.2f} ({each('vs_pj')}) |",
+        f"| RTT p50 ms | {med('rtt_p50_ms', 'pj'):.2f} | {med('rtt_p50_ms', 'w2'):.2f} | "
+        f"{med('rtt_vs_pj'):.2f} ({each('rtt_vs_pj')}) |",
+        f"| server CPU per msg, us | {med('server_cpu_us_per_msg', 'pj'):.1f} | "
+        f"{med('server_cpu_us_per_msg', 'w2'):.1f} | |",
+        f"| server CPU % | {med('server_cpu_pct', 'pj'):.0f} | {med('server_cpu_pct', 'w2'):.0f} | |",
+        f"| load generator CPU % | {med('loadgen_cpu_pct', 'pj'):.0f} | {med('loadgen_cpu_pct', 'w2'):.0f} | |",
+    ]
     return "\n".join([
         f"{MACHINE}; "
         f"{pairs} rooms of 2 peers, {INFLIGHT} in flight, {dur:g} s per run, {rounds} rounds, load generator {gen}",
@@ -185,6 +216,7 @@ def table(per: list[dict[str, Any]], pairs: int, dur: float, rounds: int, gen: s
         f"| rooms per process (every round) | | {splits} | |",
         f"| the machine's bound: 2 / 1 if a message cost two workers what it costs one | | | "
         f"{med('bound'):.2f} ({each('bound')}) |",
+        *pj,
     ])
 
 

@@ -81,6 +81,15 @@ async def test_workers_benchmark_runs_on_relaygen(tmp_path):
     assert [r["inflight"] for r in rows] == [1, 2, 4, 8] and all(r["msgs_per_s"] > 0 for r in rows)
 
 
+async def test_workers_benchmark_runs_against_peerjs(tmp_path):
+    """`--peerjs`: relaygen drives the PeerJS server on its own wire (OFFERs between ids)
+    in the same round as both of ours; its messages came back too."""
+    await quick_run("workers.py", tmp_path, ("cc", "node", "npm", "redis-server"), "--gen", "c", "--peerjs")
+    pj = json.loads((tmp_path / "workers.json").read_text())[0]["pj"]
+    assert pj["delivered"] > 0 and pj["samples"] > 0 and pj["rtt_p50_ms"] > 0
+    assert "--workers 2 / PeerJS" in (tmp_path / "workers.md").read_text()
+
+
 async def test_idle_rooms_benchmark_runs(tmp_path):
     await quick_run("idle_rooms.py", tmp_path, ("redis-server",))
     now = json.loads((tmp_path / "idle_rooms.json").read_text())["now"]
