@@ -74,21 +74,6 @@ def instance(redis_url: str, workers: int = 1, root: str = ROOT) -> Iterator[dic
         log.close()
 
 
-@contextmanager
-def peerjs() -> Iterator[dict[str, Any]]:
-    """The PeerJS server (benchmarks/peerjs_server.cjs: one Node process), not pinned."""
-    port = free_port()
-    log = open(os.path.join(RESULTS_LOGS, f"peerjs-{port}.log"), "w")
-    proc = subprocess.Popen(["node", os.path.join(HERE, "peerjs_server.cjs"), str(port)], stdout=log,
-                            stderr=subprocess.STDOUT, cwd=HERE)
-    try:
-        wait_port(port, proc)
-        yield {"pid": proc.pid, "ws_url": f"ws://127.0.0.1:{port}/"}
-    finally:
-        stop(proc)
-        log.close()
-
-
 def new_rooms(http: str, n: int) -> tuple[str, list[dict[str, str]]]:
     signin = _post(http + "/anonymous-signin")
     rooms = []
@@ -133,8 +118,8 @@ def relay(a_url: str, b_url: str, id_token: str | None, rooms: list[dict[str, st
     cfg = {"scenario": "relay", "target": target, "ws_url": a_url, "ws_url_b": b_url, "id_token": id_token,
            "rooms": rooms, "pairs": pairs, "inflight": inflight, "duration": duration, "warmup": 1}
     err = open(os.path.join(RESULTS_LOGS, "loadgen.err"), "a")
-    node = ["node", os.path.join(HERE, "loadgen.mjs"), json.dumps(cfg)]
-    argv = relaygen_argv(cfg, gen == "c1") if gen in ("c", "c1") else node
+    argv = (relaygen_argv(cfg, gen == "c1") if gen in ("c", "c1")
+            else ["node", os.path.join(HERE, "loadgen.mjs"), json.dumps(cfg)])
     lg = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=err, text=True, cwd=HERE)
     assert lg.stdout is not None
     lines = iter(lg.stdout)

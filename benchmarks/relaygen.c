@@ -219,11 +219,15 @@ static void dial(conn_t *c, const char *host, const char *port, const char *path
     consume(c, (size_t)(end + 4 - c->in));
 }
 
-/* What a message is on each server's wire: its type, and the key naming its receiver. */
+/* What a message is on each server's wire: its type, and the key naming its receiver
+ * (`--peerjs` sets them); `type_tag` is `"type":"<msg_type>"`, what marks one. */
+static int peerjs;
 static const char *msg_type = "peer_message", *to_key = "to_peer_id";
+static char type_tag[64];
+static size_t type_tag_len;
 
 static void reg(conn_t *c, const char *peer, const char *room, const char *token, const char *id_token) {
-    if (!strcmp(msg_type, "OFFER")) { /* PeerJS: the server opens the session itself */
+    if (peerjs) { /* the server opens the session itself */
         char *reply = blocking_text(c);
         if (!strstr(reply, "\"type\":\"OPEN\"")) die("PeerJS refused: %.200s", reply);
         free(reply);
@@ -278,9 +282,7 @@ static void send_fresh(conn_t *a, int i) {
 
 static void on_message(conn_t *conns, int idx, const char *p, size_t n) {
     int i = idx % st.pairs, is_b = idx >= st.pairs;
-    char want[64];
-    int w = snprintf(want, sizeof want, "\"type\":\"%s\"", msg_type);
-    if (!memmem(p, n, want, (size_t)w)) return; /* loadgen.mjs ignores others too */
+    if (!memmem(p, n, type_tag, type_tag_len)) return; /* loadgen.mjs ignores others too */
     const char *s, *e;
     if (!payload_span(p, n, &s, &e)) die("peer_message without an object payload: %.200s", p);
     if (st.measuring) st.delivered++;
@@ -349,9 +351,10 @@ static void loop(conn_t *conns, double until) {
 int main(int argc, char **argv) {
     for (; argc > 2 && !strncmp(argv[1], "--", 2); argv++, argc--) {
         if (!strcmp(argv[1], "--one-send-per-message")) cork_reads = 0;
-        else if (!strcmp(argv[1], "--peerjs")) msg_type = "OFFER", to_key = "dst";
+        else if (!strcmp(argv[1], "--peerjs")) peerjs = 1, msg_type = "OFFER", to_key = "dst";
         else die("unknown option %s", argv[1]);
     }
+    type_tag_len = (size_t)snprintf(type_tag, sizeof type_tag, "\"type\":\"%s\"", msg_type);
     if (argc != 2) die("usage: relaygen [--one-send-per-message] [--peerjs] CONFIG");
     FILE *f = fopen(argv[1], "r");
     if (!f) die("cannot open %s", argv[1]);
@@ -374,7 +377,7 @@ int main(int argc, char **argv) {
     for (int k = 0; k < 2 * P; k++) {
         int i = k % P;
         snprintf(id, sizeof id, "%c-%d", k < P ? 'a' : 'b', i);
-        if (!strcmp(msg_type, "OFFER")) snprintf(where, sizeof where, "%speerjs?key=peerjs&id=%s&token=t%s", path, id, id);
+        if (peerjs) snprintf(where, sizeof where, "%speerjs?key=peerjs&id=%s&token=t%s", path, id, id);
         else snprintf(where, sizeof where, "%s", path);
         dial(&conns[k], host, port, where);
         reg(&conns[k], id, room[i % n_rooms], token[i % n_rooms], id_token);

@@ -88,7 +88,8 @@ def pinned(cpu: str, argv: list[str]) -> list[str]:
 
 
 @contextmanager
-def server(kind: str) -> Iterator[dict[str, Any]]:
+def server(kind: str, pin: bool = True) -> Iterator[dict[str, Any]]:
+    """`kind` on a free port, pinned to SERVER_CPU unless `pin` is false."""
     ws_port = free_port()
     info: dict[str, Any] = {"kind": kind, "ws_port": ws_port}
     if kind == "ours":
@@ -112,7 +113,8 @@ def server(kind: str) -> Iterator[dict[str, Any]]:
     # The server's log goes to a file: a pipe nobody reads would fill and stall it.
     log_path = os.path.join(RESULTS_LOGS, f"{kind}-{ws_port}.log")
     log_file = open(log_path, "w")
-    proc = subprocess.Popen(pinned(SERVER_CPU, argv), stdout=log_file, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    proc = subprocess.Popen(pinned(SERVER_CPU, argv) if pin else argv, stdout=log_file, stderr=subprocess.STDOUT,
+                            text=True, cwd=ROOT)
     try:
         wait_port(ws_port, proc)
         info["pid"] = proc.pid

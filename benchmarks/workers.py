@@ -37,8 +37,8 @@ import sys
 from collections import Counter
 from typing import Any
 
-from cluster import redis_server, instance, new_rooms, peerjs, relay
-from run import HERE, MACHINE, RESULTS_LOGS, ROOT, ensure_node_modules
+from cluster import redis_server, instance, new_rooms, relay
+from run import HERE, MACHINE, RESULTS_LOGS, ROOT, ensure_node_modules, server
 
 PAIRS, INFLIGHT = 50, 4
 
@@ -69,19 +69,22 @@ def one(n: int, duration: float, pairs: int, root: str = ROOT, gen: str = "node"
         token, rooms = new_rooms(w["http"], pairs)  # one room per pair
         res = relay(w["ws_url"], w["ws_url"], token, rooms, pairs, inflight, duration, [w["pid"]], r["pid"], gen)
         res["rooms_per_process"] = rooms_per_owner(r["url"])
-    delivered = res["msgs_per_s"]
-    res["server_cpu_us_per_msg"] = 1e6 * res["server_cpu_pct"] / 100 / max(delivered, 1e-9)
-    res["redis_cpu_us_per_msg"] = 1e6 * res["redis_cpu_pct"] / 100 / max(delivered, 1e-9)
-    return res
+    return per_message(res)
 
 
 def one_peerjs(duration: float, pairs: int, gen: str) -> dict[str, Any]:
-    """The PeerJS server under the same relay load (its own wire: OFFERs between ids)."""
-    with peerjs() as p:
+    """The PeerJS server (one Node process, not pinned) under the same relay load (its own
+    wire: OFFERs between ids)."""
+    with server("peerjs", pin=False) as p:
         res = relay(p["ws_url"], p["ws_url"], None, None, pairs, INFLIGHT, duration, [p["pid"]], None, gen,
                     target="peerjs")
-    res["server_cpu_us_per_msg"] = 1e6 * res["server_cpu_pct"] / 100 / max(res["msgs_per_s"], 1e-9)
-    res["redis_cpu_us_per_msg"] = 0.0
+    return per_message(res)
+
+
+def per_message(res: dict[str, Any]) -> dict[str, Any]:
+    """The servers' and Redis's CPU per delivered message, in us, added to a relay result."""
+    for who in ("server", "redis"):
+        res[f"{who}_cpu_us_per_msg"] = 1e6 * res[f"{who}_cpu_pct"] / 100 / max(res["msgs_per_s"], 1e-9)
     return res
 
 

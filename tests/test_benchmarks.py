@@ -66,16 +66,12 @@ async def test_workers_benchmark_runs_on_relaygen(tmp_path):
     """benchmarks/relaygen.c, built by the run, drives both servers, corked and with one
     send per message: every pair's messages came back (RTT samples), and the sweep ran at
     each load."""
-    await quick_run("workers.py", tmp_path, ("cc", "redis-server"), "--gen", "c")
-    for side in json.loads((tmp_path / "workers.json").read_text())[0].values():
-        if isinstance(side, dict):
-            assert side["delivered"] > 0 and side["samples"] > 0 and side["rtt_p50_ms"] > 0
-    assert "load generator c" in (tmp_path / "workers.md").read_text()
-    await quick_run("workers.py", tmp_path, ("cc", "redis-server"), "--gen", "c1")
-    for side in json.loads((tmp_path / "workers.json").read_text())[0].values():
-        if isinstance(side, dict):
-            assert side["delivered"] > 0 and side["samples"] > 0
-    assert "load generator c1" in (tmp_path / "workers.md").read_text()
+    for gen in ("c", "c1"):
+        await quick_run("workers.py", tmp_path, ("cc", "redis-server"), "--gen", gen)
+        for side in json.loads((tmp_path / "workers.json").read_text())[0].values():
+            if isinstance(side, dict):
+                assert side["delivered"] > 0 and side["samples"] > 0 and side["rtt_p50_ms"] > 0
+        assert f"load generator {gen}\n" in (tmp_path / "workers.md").read_text()
     await quick_run("workers.py", tmp_path, ("cc", "redis-server"), "--gen", "c", "--sweep")
     rows = json.loads((tmp_path / "workers-sweep.json").read_text())
     assert [r["inflight"] for r in rows] == [1, 2, 4, 8] and all(r["msgs_per_s"] > 0 for r in rows)
